@@ -1,0 +1,96 @@
+"""`dispatcher run`: the scheduler, the send workers (and the HTTP endpoint) in one asyncio process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from dispatcher import audit
+from dispatcher.config.loader import Config
+from dispatcher.config.models import CampaignConfig, StageConfig
+from dispatcher.engine.clock import SystemClock
+from dispatcher.engine.engine import Engine
+from dispatcher.plan import build_trigger, latest_firing
+from dispatcher.store.database import Database
+
+log = logging.getLogger("dispatcher.daemon")
+
+ServerFactory = Callable[[Engine, Database, asyncio.Event], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+class Daemon:
+    """One `dispatcher run` process."""
+
+    def __init__(self, config: Config, *, server: ServerFactory | None = None) -> None:
+        self.config = config
+        self.clock = SystemClock()
+        self.db = Database.open(config.database_url)
+        self.engine = Engine(config, self.db, self.clock)
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.stop_requested = asyncio.Event()
+        self._server_factory = server
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig.name)
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self._hup)
+        await self.db.upgrade()
+        await self.engine.start()
+        stop_server = None
+        if self._server_factory is not None:
+            stop_server = await self._server_factory(self.engine, self.db, self.stop_requested)
+        await self._audit("daemon.start", {"config_sha256": self.config.digest, "worker": self.engine.worker_id,
+                                           "sources": [str(p) for p in self.config.sources]})
+        log.info("dispatcher running as %s (config %s…)", self.engine.worker_id, self.config.digest[:12])
+        await self.engine.catch_up(self.clock.now())
+        self._schedule()
+        self.scheduler.start()
+        try:
+            await self.stop_requested.wait()
+        finally:
+            log.info("stopping: no new claims, waiting for in-flight sends")
+            self.scheduler.shutdown(wait=False)
+            if stop_server is not None:
+                await stop_server()
+            await self.engine.stop()
+            await self._audit("daemon.stop", {"worker": self.engine.worker_id})
+            await self.db.close()
+            log.info("stopped")
+
+    def _schedule(self) -> None:
+        for campaign, stage in self.config.stages():
+            self.scheduler.add_job(
+                self._fire, build_trigger(campaign, stage), args=[campaign, stage],
+                id=f"{campaign.id}/{stage.id}", name=f"{campaign.id}/{stage.id}",
+                misfire_grace_time=int(stage.grace.total_seconds()) or 1, coalesce=False,
+                max_instances=4,
+            )
+
+    async def _fire(self, campaign: CampaignConfig, stage: StageConfig) -> None:
+        firing = latest_firing(campaign, stage, self.clock.now())
+        if firing is None:
+            return
+        try:
+            await self.engine.fire(campaign, stage, firing, trigger="scheduled", wait=False)
+        except Exception as exc:  # a failed firing must not stop the scheduler
+            log.error("firing %s/%s failed: %s", campaign.id, stage.id, exc)
+
+    def _request_stop(self, name: str) -> None:
+        log.info("%s received", name)
+        self.stop_requested.set()
+
+    def _hup(self) -> None:
+        log.warning("SIGHUP: configuration changes take effect on restart (restarting is safe)")
+
+    async def _audit(self, kind: str, data: dict[str, object]) -> None:
+        async with self.db.engine.begin() as conn:
+            await audit.append(conn, [audit.AuditEvent(kind, "daemon", data=data)], datetime.now(UTC))

@@ -1,0 +1,1 @@
+"""The dispatch engine: materialise firings, claim, pace, send, record."""

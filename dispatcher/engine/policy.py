@@ -1,0 +1,39 @@
+"""Retry policy: exponential backoff with full jitter, bounded by attempts and age."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try again after a retryable error, and when to give up."""
+
+    max_attempts: int = 5
+    max_age: timedelta = timedelta(hours=6)
+    base: timedelta = timedelta(seconds=2)
+    cap: timedelta = timedelta(minutes=10)
+
+    def next_try(
+        self,
+        *,
+        attempts: int,
+        created_at: datetime,
+        now: datetime,
+        retry_after: float | None,
+        rng: random.Random,
+    ) -> datetime | None:
+        """The time of the next attempt, or None when the delivery should fail for good."""
+        if attempts >= self.max_attempts:
+            return None
+        ceiling = min(self.cap.total_seconds(), self.base.total_seconds() * 2 ** (attempts - 1))
+        delay = rng.uniform(ceiling / 2, ceiling)
+        if retry_after is not None:
+            # The provider's Retry-After is a floor: sending earlier would be refused again.
+            delay = max(delay, retry_after)
+        when = now + timedelta(seconds=delay)
+        if when - created_at > self.max_age:
+            return None
+        return when

@@ -1,0 +1,242 @@
+"""A channel's send worker: claim due deliveries, check them, pace, send, record.
+
+Per delivery, in this order: expired? → suppressed. Outside the send window? → back to the queue
+until the window opens. Then a rate-limit grant, then the in-flight mark (which re-checks the
+opt-out list in the same statement), then the provider call, then the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from dispatcher.addresses import mask_address
+from dispatcher.channels.base import Channel, OutboundMessage, Outcome, SendResult
+from dispatcher.config.models import SendWindow
+from dispatcher.engine.clock import Clock
+from dispatcher.engine.policy import RetryPolicy
+from dispatcher.engine.ratelimit import RateLimiter
+from dispatcher.engine.writer import DeliveryWriter
+from dispatcher.plan import in_window, next_window_opening
+from dispatcher.store import queue
+from dispatcher.store.database import Database
+from dispatcher.store.tables import DeliveryStatus as S
+
+log = logging.getLogger("dispatcher.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What a worker needs to know about a delivery's stage run."""
+
+    campaign: str
+    stage: str
+    window: SendWindow
+    tz: ZoneInfo
+    max_attempts: int
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    unknown: int = 0
+    suppressed: int = 0
+    deferred: int = 0
+
+
+class ChannelWorker:
+    """Sends one channel's deliveries with bounded concurrency and a rate limit."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        channel: Channel,
+        db: Database,
+        writer: DeliveryWriter,
+        limiter: RateLimiter,
+        clock: Clock,
+        owner: str,
+        policy: RetryPolicy,
+        concurrency: int,
+        batch_size: int,
+        lease: timedelta,
+        run_info: Callable[[int], Awaitable[RunInfo | None]],
+        poll_interval: float = 1.0,
+        send_timeout: float = 120.0,
+    ) -> None:
+        self.name = name
+        self.channel = channel
+        self.db = db
+        self.writer = writer
+        self.limiter = limiter
+        self.clock = clock
+        self.owner = owner
+        self.policy = policy
+        self.batch_size = batch_size
+        self.lease = lease
+        self.run_info = run_info
+        self.poll_interval = poll_interval
+        self.send_timeout = send_timeout
+        self.stats = WorkerStats()
+        self.wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and send until `stop` is set, then let in-flight sends finish."""
+        while not stop.is_set():
+            try:
+                claimed = await self._claim()
+            except Exception as exc:
+                log.warning("channel %s: cannot claim deliveries: %s", self.name, exc)
+                claimed = []
+            if not claimed:
+                await self._idle(stop)
+                continue
+            for delivery in claimed:
+                if stop.is_set():
+                    # Not yet in flight: hand it straight back.
+                    await self.writer.release(delivery.id, self.clock.now())
+                    continue
+                await self._slots.acquire()
+                task = asyncio.create_task(self._deliver(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait for in-flight sends."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("channel %s: send task failed: %r", self.name, task.exception())
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        self.wake.clear()
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wake.wait()),
+                   asyncio.create_task(self.clock.sleep(self.poll_interval))]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _claim(self) -> list[queue.ClaimedDelivery]:
+        # Claim no more than can be sent in a few seconds at the rate limit, so leases are not
+        # held on rows that wait long for tokens, and other workers get their share.
+        room = self._concurrency * 2 - len(self._tasks)
+        limit = max(1, min(self.batch_size, int(self.limiter.rate * 2) + 1, room))
+        now = self.clock.now()
+        async with self.db.engine.begin() as conn:
+            rows = await queue.claim(conn, channel=self.name, owner=self.owner, now=now,
+                                     lease_until=now + self.lease, limit=limit)
+        self.stats.claimed += len(rows)
+        return rows
+
+    async def _deliver(self, delivery: queue.ClaimedDelivery) -> None:
+        info = await self.run_info(delivery.stage_run_id)
+        now = self.clock.now()
+        if info is None:
+            await self.writer.release(delivery.id, now + timedelta(minutes=1))
+            return
+        if delivery.valid_until is not None and now >= delivery.valid_until:
+            self.stats.suppressed += 1
+            await self.writer.record(queue.Outcome(
+                delivery.id, S.SUPPRESSED, from_status=S.CLAIMED, reason="expired",
+                error_code="expired", error_reason=f"not sent before {delivery.valid_until.isoformat()}",
+                final_at=now))
+            return
+        if not in_window(info.window, info.tz, now):
+            self.stats.deferred += 1
+            await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
+            return
+        await self.limiter.acquire()
+        now = self.clock.now()
+        if not in_window(info.window, info.tz, now):  # the wait for a token crossed the closing time
+            self.stats.deferred += 1
+            await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
+            return
+        state = await self.writer.mark_sending(delivery.id)
+        if state != "sending":
+            if state == "opted_out":
+                self.stats.suppressed += 1
+            return
+        message = OutboundMessage(
+            delivery_id=delivery.id, address=delivery.address, body=delivery.body,
+            campaign=info.campaign, stage=info.stage, subject=delivery.subject, html=delivery.html,
+            encoding=delivery.encoding, segments=delivery.segments, valid_until=delivery.valid_until,
+        )
+        started = self.clock.now()
+        t0 = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(self.channel.send(message), timeout=self.send_timeout)
+        except TimeoutError:
+            result = SendResult.ambiguous("timeout", f"no answer within {self.send_timeout:.0f}s")
+        except Exception as exc:  # an adapter bug must not lose the delivery: it may have gone out
+            log.error("channel %s: adapter raised %r for %s", self.name, exc, mask_address(delivery.address))
+            result = SendResult.ambiguous("adapter-error", f"{type(exc).__name__}: {exc}")
+        latency_ms = (time.perf_counter() - t0) * 1000
+        await self._record(delivery, info, result, started, latency_ms)
+
+    async def _record(self, delivery: queue.ClaimedDelivery, info: RunInfo, result: SendResult,
+                      started: datetime, latency_ms: float) -> None:
+        now = self.clock.now()
+        attempt_no = delivery.attempts + 1
+        attempt = queue.AttemptRecord(
+            delivery_id=delivery.id, number=attempt_no, worker=self.owner, started_at=started,
+            latency_ms=latency_ms, outcome=result.outcome.value, provider_id=result.provider_id,
+            error_code=result.error_code, reason=result.reason)
+        opt_out = None
+        if result.outcome is Outcome.ACCEPTED:
+            self.stats.sent += 1
+            outcome = queue.Outcome(delivery.id, S.SENT, provider_id=result.provider_id, sent_at=now,
+                                    final_at=None if result.expects_receipt else now)
+        elif result.outcome is Outcome.RETRY:
+            policy = RetryPolicy(info.max_attempts, self.policy.max_age, self.policy.base, self.policy.cap)
+            when = policy.next_try(attempts=attempt_no, created_at=delivery.created_at, now=now,
+                                   retry_after=result.retry_after, rng=self._rng)
+            if delivery.valid_until is not None and when is not None and when >= delivery.valid_until:
+                when = None
+            if when is None:
+                self.stats.failed += 1
+                outcome = queue.Outcome(delivery.id, S.FAILED, error_code=result.error_code,
+                                        error_reason=f"gave up after {attempt_no} attempts: {result.reason}",
+                                        final_at=now)
+            else:
+                self.stats.retried += 1
+                outcome = queue.Outcome(delivery.id, S.PENDING, error_code=result.error_code,
+                                        error_reason=result.reason, not_before=when)
+        elif result.outcome is Outcome.FAILED:
+            self.stats.failed += 1
+            outcome = queue.Outcome(delivery.id, S.FAILED, error_code=result.error_code,
+                                    error_reason=result.reason, final_at=now)
+        elif result.outcome is Outcome.OPTED_OUT:
+            self.stats.suppressed += 1
+            outcome = queue.Outcome(delivery.id, S.SUPPRESSED, reason="opted_out",
+                                    error_code=result.error_code, error_reason=result.reason, final_at=now)
+            opt_out = (delivery.address, f"provider:{self.name}")
+        else:
+            self.stats.unknown += 1
+            outcome = queue.Outcome(delivery.id, S.UNKNOWN, error_code=result.error_code,
+                                    error_reason=result.reason, final_at=now)
+        await self.writer.record(outcome, attempt, opt_out)

@@ -1,0 +1,243 @@
+"""Group commit for delivery state changes.
+
+Each send needs two durable writes (in flight before the provider call, outcome after). Doing
+them one transaction each would make the database the bottleneck, so concurrent callers queue
+their changes here and one task commits everything waiting in a single transaction, then wakes
+them. Callers still see "my change is durable" before they go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dispatcher import audit
+from dispatcher.channels.base import Receipt, ReceiptStatus
+from dispatcher.engine.clock import Clock
+from dispatcher.store import queue
+from dispatcher.store.database import Database
+
+log = logging.getLogger("dispatcher.engine")
+
+
+@dataclass
+class _Batch:
+    sending: list[int] = field(default_factory=list)
+    outcomes: list[queue.Outcome] = field(default_factory=list)
+    attempts: list[queue.AttemptRecord] = field(default_factory=list)
+    opt_outs: list[tuple[str, str]] = field(default_factory=list)
+    releases: list[tuple[int, datetime]] = field(default_factory=list)
+    events: list[audit.AuditEvent] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return (len(self.sending) + len(self.outcomes) + len(self.releases) + len(self.events)
+                + len(self.receipts))
+
+
+class DeliveryWriter:
+    """Commits delivery state changes in batches; every method returns once its change is durable."""
+
+    def __init__(self, db: Database, clock: Clock, owner: str, lease: timedelta,
+                 max_batch: int = 1000) -> None:
+        self.db = db
+        self.clock = clock
+        self.owner = owner
+        self.lease = lease
+        self.max_batch = max_batch
+        self._batch = _Batch()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sending_results: dict[int, asyncio.Future[str]] = {}
+        self.commits = 0
+        # Receipts that raced ahead of the outcome carrying their provider id: tried again on
+        # later commits until this deadline (monotonic seconds), then reported as unmatched.
+        self._early: list[tuple[Receipt, float]] = []
+        self.unmatched_receipts = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="delivery-writer")
+
+    async def close(self) -> None:
+        """Commit what is queued and stop."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if len(self._batch):
+            await self._commit(self._batch)
+            self._batch = _Batch()
+
+    async def mark_sending(self, delivery_id: int) -> str:
+        """Mark a claimed delivery in flight: "sending", "opted_out", or "lost" (lease gone)."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[str] = loop.create_future()
+        self._sending_results[delivery_id] = result
+        self._batch.sending.append(delivery_id)
+        self._wake.set()
+        return await result
+
+    async def record(
+        self,
+        outcome: queue.Outcome,
+        attempt: queue.AttemptRecord | None = None,
+        opt_out: tuple[str, str] | None = None,
+    ) -> None:
+        """Record a delivery's new state (and the attempt that led to it)."""
+        self._batch.outcomes.append(outcome)
+        if attempt is not None:
+            self._batch.attempts.append(attempt)
+        if opt_out is not None:
+            self._batch.opt_outs.append(opt_out)
+        await self._wait()
+
+    async def release(self, delivery_id: int, not_before: datetime) -> None:
+        """Hand a claimed delivery back, due again at `not_before`."""
+        self._batch.releases.append((delivery_id, not_before))
+        await self._wait()
+
+    async def receipt(self, receipt: Receipt) -> None:
+        """Apply a provider's receipt (status callback, DLR) to its delivery."""
+        if receipt.status is ReceiptStatus.SENT:
+            return  # intermediate: the delivery is already `sent`
+        self._batch.receipts.append(receipt)
+        await self._wait()
+
+    async def audit(self, event: audit.AuditEvent) -> None:
+        """Append an audit event in the next commit."""
+        self._batch.events.append(event)
+        await self._wait()
+
+    async def _wait(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.waiters.append(future)
+        self._wake.set()
+        await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # One tick lets every task that is ready add its change before we commit.
+            await asyncio.sleep(0)
+            batch, self._batch = self._batch, _Batch()
+            if not len(batch) and not batch.waiters:
+                continue
+            try:
+                await self._commit_with_retry(batch)
+            except Exception as exc:  # keep the writer alive; callers see the error
+                log.error("could not commit %d delivery changes: %s", len(batch), exc)
+                for fut in batch.waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                for delivery_id in batch.sending:
+                    fut2 = self._sending_results.pop(delivery_id, None)
+                    if fut2 is not None and not fut2.done():
+                        fut2.set_exception(exc)
+
+    async def _apply_receipts(self, conn: AsyncConnection, receipts: list[Receipt],
+                              now: datetime) -> list[list[object]]:
+        settled: list[list[object]] = []
+        pending = [(r, time.monotonic() + EARLY_RECEIPT_GRACE_S) for r in receipts] + self._early
+        self._early = []
+        for receipt, deadline in pending:
+            status = _RECEIPT_STATUS[receipt.status]
+            code = receipt.error_code if status == "failed" else None
+            delivery_id = await queue.apply_receipt(
+                conn, channel=receipt.channel, provider_id=receipt.provider_id, status=status,
+                error_code=code, reason=receipt.reason, now=receipt.at or now)
+            if delivery_id is None:
+                if time.monotonic() < deadline:
+                    self._early.append((receipt, deadline))
+                else:
+                    self.unmatched_receipts += 1
+                    log.info("receipt for unknown message id %s on channel %s ignored",
+                             receipt.provider_id, receipt.channel)
+            else:
+                settled.append([delivery_id, status, code])
+        if self._early:
+            self._wake.set()
+        return settled
+
+    async def _commit_with_retry(self, batch: _Batch) -> None:
+        # A locked SQLite file or a restarting PostgreSQL is waited out: the transaction rolled
+        # back, so committing the same batch again is safe, and nothing is lost meanwhile.
+        delay = 0.1
+        while True:
+            try:
+                await self._commit(batch)
+                return
+            except (OperationalError, InterfaceError, OSError) as exc:
+                log.warning("database unavailable, retrying in %.1fs: %s", delay, _first_line(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _commit(self, batch: _Batch) -> None:
+        now = self.clock.now()
+        events = list(batch.events)
+        async with self.db.engine.begin() as conn:
+            marked: set[int] = set()
+            opted: set[int] = set()
+            if batch.sending:
+                marked, opted = await queue.mark_sending(
+                    conn, ids=batch.sending, owner=self.owner, now=now, lease_until=now + self.lease
+                )
+            for delivery_id, not_before in batch.releases:
+                await queue.release(conn, ids=[delivery_id], owner=self.owner, not_before=not_before)
+            await queue.record_outcomes(conn, batch.outcomes, batch.attempts)
+            if batch.opt_outs:
+                by_source: dict[str, list[str]] = {}
+                for address, source in batch.opt_outs:
+                    by_source.setdefault(source, []).append(address)
+                for source, addresses in by_source.items():
+                    added = await queue.add_opt_outs(conn, addresses, source=source, now=now)
+                    events.extend(
+                        audit.AuditEvent("optout.add", self.owner, subject=a, data={"source": source})
+                        for a in added
+                    )
+            settled = await self._apply_receipts(conn, batch.receipts, now)
+            changes = _changes(batch.outcomes, marked, opted) + settled
+            if changes:
+                events.append(audit.AuditEvent("deliveries", self.owner, data={"changes": changes}))
+            await audit.append(conn, events, now)
+        self.commits += 1
+        for delivery_id in batch.sending:
+            fut = self._sending_results.pop(delivery_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result("sending" if delivery_id in marked else
+                               "opted_out" if delivery_id in opted else "lost")
+        for waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+_RECEIPT_STATUS = {
+    ReceiptStatus.DELIVERED: "delivered",
+    ReceiptStatus.UNDELIVERED: "failed",
+    ReceiptStatus.FAILED: "failed",
+}
+EARLY_RECEIPT_GRACE_S = 30.0
+
+
+def _changes(outcomes: Sequence[queue.Outcome], marked: set[int], opted: set[int]) -> list[list[object]]:
+    # Compact rows for the audit chain: [delivery id, new status, code].
+    rows: list[list[object]] = [[i, "sending", None] for i in sorted(marked)]
+    rows += [[i, "suppressed", "opted_out"] for i in sorted(opted)]
+    rows += [[o.delivery_id, o.status, o.error_code or o.reason] for o in outcomes]
+    return rows
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

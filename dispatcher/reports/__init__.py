@@ -1,0 +1,1 @@
+"""Reports: queries over the delivery log and writers for them."""

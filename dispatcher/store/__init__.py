@@ -1,0 +1,1 @@
+"""Storage: SQLModel tables, database set-up, the claim/lease SQL, Alembic migrations."""

@@ -1,0 +1,133 @@
+"""Database set-up: the async engine (SQLite in WAL mode, or PostgreSQL) and schema migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from dispatcher.errors import StorageError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _driver_urls(url: str) -> tuple[str, str]:
+    """(async URL, sync URL) for a user-facing `sqlite:///…` or `postgresql://…` URL."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return (
+            parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False),
+            parsed.set(drivername="sqlite").render_as_string(hide_password=False),
+        )
+    if backend in ("postgresql", "postgres"):
+        psycopg = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return psycopg, psycopg
+    raise StorageError(f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:/// or postgresql://")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the writer; the busy timeout makes a second process wait for
+    # the lock instead of failing; autocommit mode lets us issue BEGIN IMMEDIATE ourselves.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # A deferred transaction that reads then writes can fail at once with SQLITE_BUSY when
+    # another process wrote in between; taking the write lock up front waits instead.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """One database: its async engine and dialect. Create with `Database.open(url)`."""
+
+    def __init__(self, url: str, engine: AsyncEngine, sync_url: str) -> None:
+        self.url = url
+        self.engine = engine
+        self.sync_url = sync_url
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @classmethod
+    def open(cls, url: str, *, pool_size: int = 5) -> Database:
+        """Create the engine (no connection yet); SQLite files get their folder created."""
+        async_url, sync_url = _driver_urls(url)
+        parsed = make_url(async_url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # One connection per process: SQLite has a single writer anyway, and one connection
+            # turns in-process lock contention into an orderly queue.
+            engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=300)
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        else:
+            engine = create_async_engine(
+                async_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+        return cls(url, engine, sync_url)
+
+    async def upgrade(self) -> None:
+        """Apply every pending Alembic migration (run off the event loop)."""
+        try:
+            await asyncio.to_thread(upgrade_sync, self.sync_url)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot migrate the database: {_reason(exc)}") from exc
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers."""
+        from sqlalchemy import text
+
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(f"database unreachable: {_reason(exc)}") from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OperationalError) and exc.orig is not None:
+        return str(exc.orig).strip().splitlines()[0]
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def upgrade_sync(sync_url: str) -> None:
+    """Run Alembic's `upgrade head` against `sync_url` (blocking)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import create_engine
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", sync_url.replace("%", "%%"))
+    engine = create_engine(sync_url, poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()

@@ -1,0 +1,337 @@
+"""The delivery queue's SQL: claim with a lease, mark in flight, record outcomes, recover leases.
+
+This is the SQL that keeps the promises, kept in one place: a delivery is claimed by one worker
+(`FOR UPDATE SKIP LOCKED` on PostgreSQL, the single-writer lock on SQLite), marked `sending`
+(with the opt-out list checked in the same statement) before the provider is called, and only
+`claimed` rows (never `sending` ones) are ever handed back to `pending`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dispatcher.store.tables import Attempt, Delivery, DeliveryStatus, OptOut
+
+D = Delivery.__table__  # type: ignore[attr-defined]
+A = Attempt.__table__  # type: ignore[attr-defined]
+O = OptOut.__table__  # type: ignore[attr-defined]
+S = DeliveryStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A claimed delivery row, with what a worker needs to send it."""
+
+    id: int
+    stage_run_id: int
+    channel: str
+    address: str
+    body: str
+    subject: str | None
+    html: str | None
+    encoding: str
+    segments: int
+    attempts: int
+    valid_until: datetime | None
+    created_at: datetime
+    claimed_at: datetime | None
+
+
+_CLAIM_COLUMNS = [getattr(D.c, name) for name in ClaimedDelivery.__slots__]
+
+
+async def claim(
+    conn: AsyncConnection,
+    *,
+    channel: str,
+    owner: str,
+    now: datetime,
+    lease_until: datetime,
+    limit: int,
+) -> list[ClaimedDelivery]:
+    """Lease up to `limit` due pending deliveries of `channel` to `owner`, oldest first."""
+    due = (
+        select(D.c.id)
+        .where(
+            D.c.channel == channel,
+            D.c.status == S.PENDING,
+            or_(D.c.not_before.is_(None), D.c.not_before <= now),
+        )
+        .order_by(D.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(D)
+        .where(D.c.id.in_(due.scalar_subquery()), D.c.status == S.PENDING)
+        .values(status=S.CLAIMED, owner=owner, lease_until=lease_until, claimed_at=now)
+        .returning(*_CLAIM_COLUMNS)
+    )
+    result = await conn.execute(stmt)
+    rows = [ClaimedDelivery(*row) for row in result.all()]
+    rows.sort(key=lambda r: r.id)
+    return rows
+
+
+async def mark_sending(
+    conn: AsyncConnection, *, ids: Sequence[int], owner: str, now: datetime, lease_until: datetime
+) -> tuple[set[int], set[int]]:
+    """Move claimed rows to `sending` unless opted out; returns (marked, suppressed as opted out)."""
+    if not ids:
+        return set(), set()
+    opted = select(O.c.address)
+    suppressed = await conn.execute(
+        update(D)
+        .where(D.c.id.in_(ids), D.c.status == S.CLAIMED, D.c.owner == owner, D.c.address.in_(opted))
+        .values(status=S.SUPPRESSED, reason="opted_out", final_at=now, owner=None, lease_until=None)
+        .returning(D.c.id)
+    )
+    marked = await conn.execute(
+        update(D)
+        .where(D.c.id.in_(ids), D.c.status == S.CLAIMED, D.c.owner == owner)
+        .values(status=S.SENDING, attempts=D.c.attempts + 1, lease_until=lease_until)
+        .returning(D.c.id)
+    )
+    return {r[0] for r in marked.all()}, {r[0] for r in suppressed.all()}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The new state of one delivery after a provider call (or a decision not to call)."""
+
+    delivery_id: int
+    status: str
+    from_status: str = S.SENDING
+    reason: str | None = None
+    provider_id: str | None = None
+    error_code: str | None = None
+    error_reason: str | None = None
+    not_before: datetime | None = None
+    sent_at: datetime | None = None
+    final_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One provider call to log."""
+
+    delivery_id: int
+    number: int
+    worker: str
+    started_at: datetime
+    latency_ms: float
+    outcome: str
+    provider_id: str | None
+    error_code: str | None
+    reason: str | None
+
+
+_OUTCOME_UPDATE = (
+    update(D)
+    .where(D.c.id == bindparam("b_id"), D.c.status == bindparam("b_from"))
+    .values(
+        status=bindparam("b_status"),
+        reason=bindparam("b_reason"),
+        provider_id=func.coalesce(bindparam("b_provider_id"), D.c.provider_id),
+        error_code=bindparam("b_error_code"),
+        error_reason=bindparam("b_error_reason"),
+        not_before=bindparam("b_not_before", type_=D.c.not_before.type),
+        sent_at=func.coalesce(bindparam("b_sent_at", type_=D.c.sent_at.type), D.c.sent_at),
+        final_at=bindparam("b_final_at", type_=D.c.final_at.type),
+        owner=None,
+        lease_until=None,
+    )
+)
+
+
+async def record_outcomes(
+    conn: AsyncConnection, outcomes: Sequence[Outcome], attempts: Sequence[AttemptRecord]
+) -> None:
+    """Write outcomes (only from the state they expect) and attempt rows, in the caller's transaction."""
+    if outcomes:
+        await conn.execute(
+            _OUTCOME_UPDATE,
+            [
+                {
+                    "b_id": o.delivery_id,
+                    "b_from": o.from_status,
+                    "b_status": o.status,
+                    "b_reason": o.reason,
+                    "b_provider_id": o.provider_id,
+                    "b_error_code": o.error_code,
+                    "b_error_reason": o.error_reason,
+                    "b_not_before": o.not_before,
+                    "b_sent_at": o.sent_at,
+                    "b_final_at": o.final_at,
+                }
+                for o in outcomes
+            ],
+        )
+    if attempts:
+        await conn.execute(
+            insert(A),
+            [
+                {
+                    "delivery_id": a.delivery_id,
+                    "number": a.number,
+                    "worker": a.worker,
+                    "started_at": a.started_at,
+                    "latency_ms": a.latency_ms,
+                    "outcome": a.outcome,
+                    "provider_id": a.provider_id,
+                    "error_code": a.error_code,
+                    "reason": a.reason,
+                }
+                for a in attempts
+            ],
+        )
+
+
+async def add_opt_outs(
+    conn: AsyncConnection, addresses: Iterable[str], *, source: str, now: datetime, note: str | None = None
+) -> list[str]:
+    """Insert opt-outs that are not there yet; returns the addresses newly added."""
+    wanted = sorted(set(addresses))
+    if not wanted:
+        return []
+    existing = await conn.execute(select(O.c.address).where(O.c.address.in_(wanted)))
+    known = {r[0] for r in existing.all()}
+    new = [a for a in wanted if a not in known]
+    if new:
+        await conn.execute(
+            insert(O), [{"address": a, "source": source, "created_at": now, "note": note} for a in new]
+        )
+    return new
+
+
+async def renew_leases(conn: AsyncConnection, *, owner: str, lease_until: datetime) -> int:
+    """Extend every lease `owner` holds (its heartbeat); returns how many rows it holds."""
+    result = await conn.execute(
+        update(D)
+        .where(D.c.owner == owner, D.c.status.in_([S.CLAIMED, S.SENDING]))
+        .values(lease_until=lease_until)
+    )
+    return result.rowcount or 0
+
+
+async def recover_expired(
+    conn: AsyncConnection, *, now: datetime, dead_owners: Sequence[str] = ()
+) -> tuple[int, list[int]]:
+    """Settle leases of dead workers: claimed rows go back to pending, sending rows to unknown.
+
+    A lease is dead when it expired or its owner is known dead. Returns (released, unknown ids).
+    """
+    dead = or_(D.c.lease_until < now, D.c.owner.in_(list(dead_owners)) if dead_owners else False)
+    released = await conn.execute(
+        update(D)
+        .where(D.c.status == S.CLAIMED, dead)
+        .values(status=S.PENDING, owner=None, lease_until=None)
+    )
+    unknown = await conn.execute(
+        update(D)
+        .where(D.c.status == S.SENDING, dead)
+        .values(
+            status=S.UNKNOWN,
+            owner=None,
+            lease_until=None,
+            final_at=now,
+            error_code="in-flight",
+            error_reason="in flight when its worker stopped; not resent until reconciled",
+        )
+        .returning(D.c.id)
+    )
+    return released.rowcount or 0, [r[0] for r in unknown.all()]
+
+
+async def release(conn: AsyncConnection, *, ids: Sequence[int], owner: str, not_before: datetime) -> None:
+    """Give claimed rows back to the queue, due again at `not_before` (e.g. the send window opens)."""
+    if ids:
+        await conn.execute(
+            update(D)
+            .where(D.c.id.in_(list(ids)), D.c.status == S.CLAIMED, D.c.owner == owner)
+            .values(status=S.PENDING, owner=None, lease_until=None, not_before=not_before)
+        )
+
+
+async def requeue_unknown(conn: AsyncConnection, *, stage_run_ids: Sequence[int], now: datetime) -> list[int]:
+    """Operator's order: resend deliveries left unknown in these stage runs."""
+    result = await conn.execute(
+        update(D)
+        .where(D.c.stage_run_id.in_(list(stage_run_ids)), D.c.status == S.UNKNOWN)
+        .values(status=S.PENDING, not_before=now, final_at=None, error_code=None, error_reason=None)
+        .returning(D.c.id)
+    )
+    return [r[0] for r in result.all()]
+
+
+async def open_count(conn: AsyncConnection, stage_run_ids: Sequence[int] | None = None) -> int:
+    """How many deliveries are not yet in a terminal state (optionally within some stage runs)."""
+    stmt = select(func.count()).select_from(D).where(D.c.status.in_(S.OPEN))
+    if stage_run_ids is not None:
+        stmt = stmt.where(D.c.stage_run_id.in_(list(stage_run_ids)))
+    return int((await conn.execute(stmt)).scalar_one())
+
+
+async def next_due(conn: AsyncConnection, channel: str | None = None) -> datetime | None:
+    """The earliest `not_before` among pending deliveries (when the queue wakes up next)."""
+    stmt = select(func.min(D.c.not_before)).where(D.c.status == S.PENDING)
+    if channel is not None:
+        stmt = stmt.where(D.c.channel == channel)
+    value = (await conn.execute(stmt)).scalar_one_or_none()
+    if value is None:
+        return None
+    return D.c.not_before.type.process_result_value(value, None)  # type: ignore[no-any-return]
+
+
+__all__ = [
+    "AttemptRecord",
+    "ClaimedDelivery",
+    "Outcome",
+    "add_opt_outs",
+    "claim",
+    "mark_sending",
+    "next_due",
+    "open_count",
+    "record_outcomes",
+    "recover_expired",
+    "release",
+    "renew_leases",
+    "requeue_unknown",
+]
+
+
+async def apply_receipt(
+    conn: AsyncConnection,
+    *,
+    channel: str,
+    provider_id: str,
+    status: str,
+    error_code: str | None,
+    reason: str | None,
+    now: datetime,
+) -> int | None:
+    """Settle a delivery from a provider's receipt; returns its id, or None if no row matched.
+
+    Only forward moves: a `sent` (or `unknown`: the receipt proves it went out) delivery becomes
+    `delivered` or `failed`; a delivered one never goes back, and replays change nothing.
+    """
+    result = await conn.execute(
+        update(D)
+        .where(D.c.channel == channel, D.c.provider_id == provider_id,
+               D.c.status.in_([S.SENT, S.UNKNOWN, S.SENDING]))
+        .values(status=status, error_code=error_code, error_reason=reason, final_at=now,
+                owner=None, lease_until=None)
+        .returning(D.c.id)
+    )
+    row = result.first()
+    if row is not None:
+        return int(row[0])
+    known = await conn.execute(
+        select(D.c.id).where(D.c.channel == channel, D.c.provider_id == provider_id).limit(1))
+    found = known.first()
+    return int(found[0]) if found is not None else None
