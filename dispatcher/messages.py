@@ -69,14 +69,24 @@ class StageFiring:
         return RenderedMessage(body, subject, html, "text", 1)
 
 
-def stage_firing(config: Config, campaign: CampaignConfig, stage: StageConfig, firing: Firing) -> StageFiring:
+def stage_firing(
+    config: Config, campaign: CampaignConfig, stage: StageConfig, firing: Firing
+) -> StageFiring:
     """Bind a stage to one of its firings: pick its slogan, find its templates and channel price."""
     slogan = None
     if stage.slogans is not None:
         choice = stage.slogans
         slogan_set = config.slogan_sets[choice.set]
-        slogan = slogan_set.get(choice.id) if choice.id else pick_slogan(
-            slogan_set, order=choice.order, seed=choice.seed, firing_index=firing.index, ids=choice.ids
+        slogan = (
+            slogan_set.get(choice.id)
+            if choice.id
+            else pick_slogan(
+                slogan_set,
+                order=choice.order,
+                seed=choice.seed,
+                firing_index=firing.index,
+                ids=choice.ids,
+            )
         )
     audience = campaign.audiences[stage.audience]
     channel = config.root.channels[stage.channel]

@@ -1,4 +1,4 @@
-"""Stages to APScheduler triggers to firings: the one schedule shared by `plan`, `rehearse` and the daemon.
+"""Stages to APScheduler triggers to firings: one schedule shared by `plan`, `rehearse` and `run`.
 
 The daemon schedules exactly the trigger objects built here, and `plan` lists what the same
 objects yield, so the two cannot disagree.
@@ -25,7 +25,7 @@ MAX_FIRINGS_PER_STAGE = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Firing:
-    """One scheduled run of a stage: its time (UTC-aware) and its 0-based index among the stage's firings."""
+    """One scheduled run of a stage: its UTC-aware time and its 0-based index among its firings."""
 
     campaign: str
     stage: str
@@ -48,7 +48,9 @@ def _local(value: date | datetime, tz: ZoneInfo, end: bool) -> datetime:
 def stage_bounds(campaign: CampaignConfig, stage: StageConfig) -> tuple[datetime, datetime]:
     """The local, aware [start, end] within which the stage may fire."""
     tz = campaign.tz
-    start = _local(stage.start if stage.start is not None else campaign.campaign.start, tz, end=False)
+    start = _local(
+        stage.start if stage.start is not None else campaign.campaign.start, tz, end=False
+    )
     end = _local(stage.end if stage.end is not None else campaign.campaign.end, tz, end=True)
     return start, end
 
@@ -74,8 +76,9 @@ def build_trigger(campaign: CampaignConfig, stage: StageConfig) -> BaseTrigger:
             timezone=tz,
         )
     assert stage.every is not None
-    return IntervalTrigger(seconds=int(stage.every.total_seconds()), start_date=start, end_date=end,
-                           timezone=tz)
+    return IntervalTrigger(
+        seconds=int(stage.every.total_seconds()), start_date=start, end_date=end, timezone=tz
+    )
 
 
 def _crontab_weekdays(expr: str) -> str:
@@ -115,7 +118,9 @@ def iter_firings(campaign: CampaignConfig, stage: StageConfig) -> Iterator[Firin
         now = fire + timedelta(microseconds=1)
 
 
-def firings(config: Config, since: datetime | None = None, until: datetime | None = None) -> list[Firing]:
+def firings(
+    config: Config, since: datetime | None = None, until: datetime | None = None
+) -> list[Firing]:
     """All firings of all stages in time order, optionally limited to [since, until)."""
     out: list[Firing] = []
     for campaign, stage in config.stages():

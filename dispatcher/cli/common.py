@@ -27,15 +27,22 @@ def load(path: str) -> Config:
 def console(stderr: bool = False) -> Console:
     # Not a TTY (CI, a pipe, a log file): no colours or cursor tricks, wide enough for tables.
     tty = (sys.stderr if stderr else sys.stdout).isatty()
-    return Console(stderr=stderr, highlight=False, soft_wrap=not tty, width=None if tty else 160,
-                   force_terminal=None if tty else False)
+    return Console(
+        stderr=stderr,
+        highlight=False,
+        soft_wrap=not tty,
+        width=None if tty else 160,
+        force_terminal=None if tty else False,
+    )
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def parse_when(value: str | None, tz: ZoneInfo, *, end: bool = False, option: str = "--from") -> datetime | None:
+def parse_when(
+    value: str | None, tz: ZoneInfo, *, end: bool = False, option: str = "--from"
+) -> datetime | None:
     """A date or date-time given on the command line, in the config's time zone, as UTC."""
     if value is None:
         return None
@@ -48,6 +55,7 @@ def parse_when(value: str | None, tz: ZoneInfo, *, end: bool = False, option: st
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=tz)
     except ValueError as exc:
-        raise OperatorError(f"{option} {value!r}: expected a date (2010-09-01) or date-time "
-                            "(2010-09-01T10:00)") from exc
+        raise OperatorError(
+            f"{option} {value!r}: expected a date (2010-09-01) or date-time (2010-09-01T10:00)"
+        ) from exc
     return moment.astimezone(UTC)

@@ -34,7 +34,8 @@ def scan_audience(campaign: CampaignConfig, audience_id: str, keep: int = 20) ->
     """Count an audience in constant memory, keeping the first `keep` rejected rows."""
     counts = AudienceCounts(0, 0, 0, 0)
     kept: list[Rejection] = []
-    for row in dedupe(read_audience(audience_source(campaign, audience_id))):
+    source = audience_source(campaign, audience_id)
+    for row in dedupe(read_audience(source), file=str(source.path)):
         counts.rows += 1
         if isinstance(row, Recipient):
             counts.valid += 1
@@ -48,42 +49,60 @@ def scan_audience(campaign: CampaignConfig, audience_id: str, keep: int = 20) ->
     return AudienceReport(counts, kept)
 
 
-def _first_firing(campaign: CampaignConfig, stage: StageConfig) -> Firing | None:
-    return next(iter_firings(campaign, stage), None)
+def check_stage(
+    config: Config, campaign: CampaignConfig, index: int, stage: StageConfig
+) -> list[Problem]:
+    """Render a stage against the first rows of its audience, for every slogan its firings carry.
 
-
-def check_stage(config: Config, campaign: CampaignConfig, index: int, stage: StageConfig) -> list[Problem]:
-    """Render a stage against the first rows of its audience; problems name the stage's keys."""
-    problems: list[Problem] = []
+    Problems name the stage's keys: a template that fails on real rows, or a message longer than
+    `max_segments` (or the providers' ceiling) for any of its slogans.
+    """
     key = f"stages[{index}]"
-    firing = _first_firing(campaign, stage)
-    if firing is None:
-        return [Problem("the stage never fires within its dates", file=str(campaign.source), key=key)]
-    job = stage_firing(config, campaign, stage, firing)
-    recipients = [r for r in itertools.islice(
-        (r for r in read_audience(audience_source(campaign, stage.audience)) if isinstance(r, Recipient)),
-        CHECK_SAMPLE)]
-    for recipient in recipients:
-        try:
-            message = job.render(recipient)
-        except ProblemsError as exc:
-            problems.extend(exc.problems)
-            break
-        if job.kind != "phone":
-            continue
-        if message.segments > TWILIO_MAX_SEGMENTS:
-            problems.append(Problem(
-                f"the message for line {recipient.line} needs {message.segments} segments; "
-                f"providers refuse more than {TWILIO_MAX_SEGMENTS}", file=str(campaign.source),
-                key=f"{key}.template"))
-            break
-        if message.segments > stage.max_segments:
-            problems.append(Problem(
-                f"the message for line {recipient.line} needs {message.segments} segments "
-                f"({message.encoding}), more than max_segments = {stage.max_segments}: shorten the "
-                "template, or raise max_segments", file=str(campaign.source), key=f"{key}.max_segments"))
-            break
-    return problems
+    jobs: dict[str | None, StageFiring] = {}
+    for firing in iter_firings(campaign, stage):
+        job = stage_firing(config, campaign, stage, firing)
+        jobs.setdefault(job.slogan.id if job.slogan else None, job)
+    if not jobs:
+        return [
+            Problem("the stage never fires within its dates", file=str(campaign.source), key=key)
+        ]
+    source = audience_source(campaign, stage.audience)
+    recipients = list(
+        itertools.islice(
+            (r for r in read_audience(source) if isinstance(r, Recipient)), CHECK_SAMPLE
+        )
+    )
+    for job in jobs.values():
+        for recipient in recipients:
+            try:
+                message = job.render(recipient)
+            except ProblemsError as exc:
+                return list(exc.problems)
+            if job.kind != "phone":
+                continue
+            with_slogan = f" with slogan {job.slogan.id}" if job.slogan else ""
+            if message.segments > TWILIO_MAX_SEGMENTS:
+                return [
+                    Problem(
+                        f"the message for line {recipient.line}{with_slogan} needs "
+                        f"{message.segments} segments; providers refuse more than "
+                        f"{TWILIO_MAX_SEGMENTS}",
+                        file=str(campaign.source),
+                        key=f"{key}.template",
+                    )
+                ]
+            if message.segments > stage.max_segments:
+                return [
+                    Problem(
+                        f"the message for line {recipient.line}{with_slogan} needs "
+                        f"{message.segments} segments ({message.encoding}), more than "
+                        f"max_segments = {stage.max_segments}: shorten the "
+                        "template, or raise max_segments",
+                        file=str(campaign.source),
+                        key=f"{key}.max_segments",
+                    )
+                ]
+    return []
 
 
 @click.command()
@@ -112,32 +131,51 @@ def check(config: str) -> None:
     for column in ("channel", "type", "rate/s", "burst", "concurrency", "price/segment"):
         table.add_column(column)
     for name, channel in cfg.root.channels.items():
-        table.add_row(name, channel.type, f"{channel.rate:g}", str(channel.bucket_size), str(channel.concurrency),
-                      f"{channel.price_per_segment} {channel.currency}")
+        table.add_row(
+            name,
+            channel.type,
+            f"{channel.rate:g}",
+            str(channel.bucket_size),
+            str(channel.concurrency),
+            f"{channel.price_per_segment} {channel.currency}",
+        )
     out.print(table)
     for campaign in cfg.campaigns:
         info = campaign.campaign
-        out.print(f"\n[bold]campaign {campaign.id}[/bold] {info.name}: {info.start} to {info.end} "
-                  f"({campaign.tz.key}), send window {info.send_window.start:%H:%M}-{info.send_window.end:%H:%M}")
+        out.print(
+            f"\n[bold]campaign {campaign.id}[/bold] {info.name}: {info.start} to {info.end} "
+            f"({campaign.tz.key}), send window "
+            f"{info.send_window.start:%H:%M}-{info.send_window.end:%H:%M}"
+        )
         audiences = Table(title="audiences", show_edge=False)
         for column in ("audience", "file", "rows", "valid", "invalid", "duplicates"):
             audiences.add_column(column)
         for audience_id, audience in campaign.audiences.items():
             report = reports[(campaign.id, audience_id)]
             c = report.counts
-            audiences.add_row(audience_id, audience.file, str(c.rows), str(c.valid), str(c.invalid),
-                              str(c.duplicates))
+            audiences.add_row(
+                audience_id,
+                audience.file,
+                str(c.rows),
+                str(c.valid),
+                str(c.invalid),
+                str(c.duplicates),
+            )
         out.print(audiences)
         for audience_id in campaign.audiences:
             for rejection in reports[(campaign.id, audience_id)].rejections:
-                out.print(f"  {rejection.file}:{rejection.line}: {rejection.masked}: {rejection.reason}")
+                out.print(
+                    f"  {rejection.file}:{rejection.line}: {rejection.masked}: {rejection.reason}"
+                )
         stages = Table(title="stages", show_edge=False)
         for column in ("stage", "channel", "audience", "schedule", "firings", "first"):
             stages.add_column(column)
         for stage in campaign.stages:
             fires = list(iter_firings(campaign, stage))
             first = fires[0].at.astimezone(campaign.tz).strftime("%Y-%m-%d %H:%M") if fires else "-"
-            stages.add_row(stage.id, stage.channel, stage.audience, _schedule(stage), str(len(fires)), first)
+            stages.add_row(
+                stage.id, stage.channel, stage.audience, _schedule(stage), str(len(fires)), first
+            )
         out.print(stages)
 
 
@@ -168,17 +206,23 @@ class FiringEstimate:
     def as_dict(self, currency: str) -> dict[str, object]:
         return {
             "time": self.firing.at.astimezone(self.job.campaign.tz).isoformat(),
-            "campaign": self.firing.campaign, "stage": self.firing.stage,
-            "channel": self.job.stage.channel, "recipients": self.recipients,
+            "campaign": self.firing.campaign,
+            "stage": self.firing.stage,
+            "channel": self.job.stage.channel,
+            "recipients": self.recipients,
             "segments_per_message": round(self.segments_per_message, 2),
-            "segments_total": self.segments_total, "estimated_cost": str(self.cost),
-            "currency": currency, "exact": self.exact,
+            "segments_total": self.segments_total,
+            "estimated_cost": str(self.cost),
+            "currency": currency,
+            "exact": self.exact,
             "slogan": self.job.slogan.id if self.job.slogan else None,
         }
 
 
-def estimate(config: Config, firing: Firing, counts: dict[tuple[str, str], AudienceCounts]) -> FiringEstimate:
-    """Recipients, segments and cost of one firing (exact up to PLAN_SAMPLE recipients, scaled beyond)."""
+def estimate(
+    config: Config, firing: Firing, counts: dict[tuple[str, str], AudienceCounts]
+) -> FiringEstimate:
+    """Recipients, segments and cost of one firing (exact up to PLAN_SAMPLE recipients)."""
     campaign = config.campaign(firing.campaign)
     assert campaign is not None
     stage = campaign.stage(firing.stage)
@@ -190,7 +234,8 @@ def estimate(config: Config, firing: Firing, counts: dict[tuple[str, str], Audie
     recipients = counts[key].valid
     rendered = 0
     segments = 0
-    for row in dedupe(read_audience(audience_source(campaign, stage.audience))):
+    source = audience_source(campaign, stage.audience)
+    for row in dedupe(read_audience(source), file=str(source.path)):
         if not isinstance(row, Recipient):
             continue
         if rendered >= PLAN_SAMPLE:
@@ -210,7 +255,9 @@ def estimate(config: Config, firing: Firing, counts: dict[tuple[str, str], Audie
 @click.command()
 @config_argument
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per firing, on stdout.")
-@click.option("--from", "since", metavar="DATE", help="Only firings at or after this date (config time zone).")
+@click.option(
+    "--from", "since", metavar="DATE", help="Only firings at or after this date (config time zone)."
+)
 @click.option("--to", "until", metavar="DATE", help="Only firings up to this date, inclusive.")
 def plan(config: str, as_json: bool, since: str | None, until: str | None) -> None:
     """List every firing in time order with recipients, segments and estimated cost."""
@@ -230,21 +277,41 @@ def plan(config: str, as_json: bool, since: str | None, until: str | None) -> No
         return
     out = console()
     table = Table(show_edge=False)
-    for column in ("time", "campaign", "stage", "channel", "recipients", "seg/msg", "segments", "cost"):
-        table.add_column(column, justify="right" if column in ("recipients", "seg/msg", "segments", "cost") else "left")
+    for column in (
+        "time",
+        "campaign",
+        "stage",
+        "channel",
+        "recipients",
+        "seg/msg",
+        "segments",
+        "cost",
+    ):
+        table.add_column(
+            column,
+            justify="right" if column in ("recipients", "seg/msg", "segments", "cost") else "left",
+        )
     totals: dict[str, Decimal] = {}
     for row in rows:
         currency = currencies[row.job.stage.channel]
         totals[currency] = totals.get(currency, Decimal(0)) + row.cost
         approx = "" if row.exact else "~"
-        table.add_row(row.firing.at.astimezone(row.job.campaign.tz).strftime("%Y-%m-%d %H:%M %Z"),
-                      row.firing.campaign, row.firing.stage, row.job.stage.channel, str(row.recipients),
-                      f"{row.segments_per_message:.2f}", f"{approx}{row.segments_total}",
-                      f"{approx}{row.cost} {currency}")
+        table.add_row(
+            row.firing.at.astimezone(row.job.campaign.tz).strftime("%Y-%m-%d %H:%M %Z"),
+            row.firing.campaign,
+            row.firing.stage,
+            row.job.stage.channel,
+            str(row.recipients),
+            f"{row.segments_per_message:.2f}",
+            f"{approx}{row.segments_total}",
+            f"{approx}{row.cost} {currency}",
+        )
     out.print(table)
     total_text = ", ".join(f"{v} {k}" for k, v in totals.items()) or "0"
-    out.print(f"{len(rows)} firings, {sum(r.recipients for r in rows)} messages, "
-              f"{sum(r.segments_total for r in rows)} segments, estimated cost {total_text}")
+    out.print(
+        f"{len(rows)} firings, {sum(r.recipients for r in rows)} messages, "
+        f"{sum(r.segments_total for r in rows)} segments, estimated cost {total_text}"
+    )
 
 
 @click.command()
@@ -264,16 +331,21 @@ def preview(config: str, stage_ref: str, limit: int, at: str | None) -> None:
         moment = parse_when(at, campaign.tz, option="--at")
         match = [f for f in fires if f.at == moment]
         if not match:
-            listed = ", ".join(f.at.astimezone(campaign.tz).strftime("%Y-%m-%dT%H:%M") for f in fires[:10])
+            listed = ", ".join(
+                f.at.astimezone(campaign.tz).strftime("%Y-%m-%dT%H:%M") for f in fires[:10]
+            )
             raise OperatorError(f"stage {stage.id} does not fire at {at} (firings: {listed}…)")
         firing = match[0]
     job = stage_firing(cfg, campaign, stage, firing)
     out = console()
-    out.print(f"[bold]{campaign.id}/{stage.id}[/bold] firing {firing.index + 1} at "
-              f"{firing.at.astimezone(campaign.tz):%Y-%m-%d %H:%M %Z} via {stage.channel}"
-              + (f", slogan {job.slogan.id}" if job.slogan else ""))
+    out.print(
+        f"[bold]{campaign.id}/{stage.id}[/bold] firing {firing.index + 1} at "
+        f"{firing.at.astimezone(campaign.tz):%Y-%m-%d %H:%M %Z} via {stage.channel}"
+        + (f", slogan {job.slogan.id}" if job.slogan else "")
+    )
     shown = 0
-    for row in dedupe(read_audience(audience_source(campaign, stage.audience))):
+    source = audience_source(campaign, stage.audience)
+    for row in dedupe(read_audience(source), file=str(source.path)):
         if shown >= limit:
             break
         if not isinstance(row, Recipient):
@@ -284,7 +356,11 @@ def preview(config: str, stage_ref: str, limit: int, at: str | None) -> None:
         except ProblemsError as exc:
             out.print(f"line {row.line} {mask_address(row.address)}: [red]{exc}[/red]")
             continue
-        meta = f"{message.encoding}, {message.segments} segment(s)" if job.kind == "phone" else "e-mail"
+        meta = (
+            f"{message.encoding}, {message.segments} segment(s)"
+            if job.kind == "phone"
+            else "e-mail"
+        )
         out.print(f"\n[bold]line {row.line}[/bold] {mask_address(row.address)} ({meta})")
         if message.subject:
             out.print(f"Subject: {message.subject}")

@@ -26,7 +26,9 @@ def parse_duration(text: str | int | float) -> timedelta:
         seconds += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if not compact or pos != len(compact):
-        raise ValueError(f"{text!r} is not a duration: write e.g. '30s', '15m', '2h', '3d' or '1h30m'")
+        raise ValueError(
+            f"{text!r} is not a duration: write e.g. '30s', '15m', '2h', '3d' or '1h30m'"
+        )
     return timedelta(seconds=seconds)
 
 

@@ -84,7 +84,12 @@ class Config:
             known = ", ".join(f"{c.id}/{s.id}" for c, s in self.stages()) or "none"
             raise ConfigError([Problem(f"no stage {ref!r} (stages: {known})", file=str(self.path))])
         raise ConfigError(
-            [Problem(f"stage id {ref!r} is in several campaigns: write CAMPAIGN/STAGE", file=str(self.path))]
+            [
+                Problem(
+                    f"stage id {ref!r} is in several campaigns: write CAMPAIGN/STAGE",
+                    file=str(self.path),
+                )
+            ]
         )
 
 
@@ -141,28 +146,34 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError([Problem("not UTF-8 (save the file as UTF-8)", file=str(path), line=line)]) from exc
+        raise ConfigError(
+            [Problem("not UTF-8 (save the file as UTF-8)", file=str(path), line=line)]
+        ) from exc
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         position = _TOML_POSITION.search(message)
-        line = int(position.group(1)) if position else None
-        column = int(position.group(2)) if position else None
+        line: int | None = int(position.group(1)) if position else None
+        column: int | None = int(position.group(2)) if position else None
         message = _TOML_POSITION.sub("", message).strip()
         raise ConfigError(
             [Problem(f"TOML syntax error: {message}", file=str(path), line=line, column=column)]
         ) from exc
 
 
-def resolve_secrets(value: Any, env: Mapping[str, str], collector: _Collector,
-                    path: tuple[PathPart, ...] = ()) -> Any:
+def resolve_secrets(
+    value: Any, env: Mapping[str, str], collector: _Collector, path: tuple[PathPart, ...] = ()
+) -> Any:
     """Replace every ${VAR} in string values; a missing variable is a problem naming it."""
     if isinstance(value, str):
+
         def substitute(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
-                collector.add(f"environment variable {name} is not set (referenced as ${{{name}}})", path)
+                collector.add(
+                    f"environment variable {name} is not set (referenced as ${{{name}}})", path
+                )
                 return ""
             return env[name]
 
@@ -175,7 +186,7 @@ def resolve_secrets(value: Any, env: Mapping[str, str], collector: _Collector,
 
 
 def database_url(configured: str | None, base_dir: Path, env: Mapping[str, str]) -> str:
-    """The SQLAlchemy URL to use: env override, configured value, or a SQLite file beside the config."""
+    """The database URL: env override, configured value, or a SQLite file beside the config."""
     url = env.get(DATABASE_ENV) or configured or "sqlite:///var/dispatcher.db"
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         relative = url.removeprefix("sqlite:///")
@@ -235,7 +246,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     seen_ids: set[str] = set()
     for campaign in campaigns:
         if campaign.id in seen_ids:
-            collectors[campaign.id].add(f"campaign id {campaign.id!r} is used twice", ("campaign", "id"))
+            collectors[campaign.id].add(
+                f"campaign id {campaign.id!r} is used twice", ("campaign", "id")
+            )
         seen_ids.add(campaign.id)
 
     # Slogans.
@@ -270,7 +283,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         _cross_check(campaign, root, slogan_sets, channel_types, collector)
         for index, stage in enumerate(campaign.stages):
             try:
-                templates[(campaign.id, stage.id)] = _compile_stage(campaign, index, stage, collector)
+                templates[(campaign.id, stage.id)] = _compile_stage(
+                    campaign, index, stage, collector
+                )
             except ProblemsError as exc:
                 collector.problems.extend(exc.problems)
         problems.extend(p for p in collector.problems if p not in problems)
@@ -292,7 +307,11 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
 
 def _validate_campaign(
-    data: dict[str, Any], env: Mapping[str, str], collector: _Collector, source: Path, root: RootConfig
+    data: dict[str, Any],
+    env: Mapping[str, str],
+    collector: _Collector,
+    source: Path,
+    root: RootConfig,
 ) -> CampaignConfig | None:
     data = resolve_secrets(data, env, collector)
     try:
@@ -321,56 +340,72 @@ def _cross_check(
     info = campaign.campaign
     first = datetime.combine(info.start, time.min)
     last = datetime.combine(info.end, time.max)
-    for index, audience in campaign.audiences.items():
+    for audience_id, audience in campaign.audiences.items():
         if not (campaign.base_dir / audience.file).is_file():
-            collector.add(f"audience file {audience.file} not found (relative to {campaign.base_dir})",
-                          ("audiences", index, "file"))
+            collector.add(
+                f"audience file {audience.file} not found (relative to {campaign.base_dir})",
+                ("audiences", audience_id, "file"),
+            )
     seen: set[str] = set()
-    for index, stage in enumerate(campaign.stages):
-        where: tuple[PathPart, ...] = ("stages", index)
+    for stage_index, stage in enumerate(campaign.stages):
+        where: tuple[PathPart, ...] = ("stages", stage_index)
         if stage.id in seen:
             collector.add(f"stage id {stage.id!r} is used twice", (*where, "id"))
         seen.add(stage.id)
         if stage.channel not in root.channels:
             known = ", ".join(root.channels) or "none configured"
-            collector.add(f"unknown channel {stage.channel!r} (channels: {known})", (*where, "channel"))
-        audience = campaign.audiences.get(stage.audience)
-        if audience is None:
+            collector.add(
+                f"unknown channel {stage.channel!r} (channels: {known})", (*where, "channel")
+            )
+        stage_audience = campaign.audiences.get(stage.audience)
+        if stage_audience is None:
             known = ", ".join(campaign.audiences) or "none"
-            collector.add(f"unknown audience {stage.audience!r} (audiences: {known})", (*where, "audience"))
+            collector.add(
+                f"unknown audience {stage.audience!r} (audiences: {known})", (*where, "audience")
+            )
         elif stage.channel in channel_types:
             kind = channel_types[stage.channel].address_kind
-            if kind != "any" and kind != audience.kind:
+            if kind != "any" and kind != stage_audience.kind:
                 collector.add(
                     f"channel {stage.channel!r} sends to {kind} addresses but audience "
-                    f"{stage.audience!r} holds {audience.kind} addresses",
+                    f"{stage.audience!r} holds {stage_audience.kind} addresses",
                     (*where, "audience"),
                 )
         if stage.at is not None and not first <= stage.at <= last:
-            collector.add(f"{stage.at:%Y-%m-%d %H:%M} is outside the campaign ({info.start} to {info.end})",
-                          (*where, "at"))
+            collector.add(
+                f"{stage.at:%Y-%m-%d %H:%M} is outside the campaign ({info.start} to {info.end})",
+                (*where, "at"),
+            )
         for key in ("start", "end"):
             bound = getattr(stage, key)
             if bound is not None and not first <= _as_local_bounds(bound, key == "end") <= last:
-                collector.add(f"{bound} is outside the campaign ({info.start} to {info.end})", (*where, key))
-        if stage.start is not None and stage.end is not None and (
-            _as_local_bounds(stage.end, True) < _as_local_bounds(stage.start, False)
+                collector.add(
+                    f"{bound} is outside the campaign ({info.start} to {info.end})", (*where, key)
+                )
+        if (
+            stage.start is not None
+            and stage.end is not None
+            and (_as_local_bounds(stage.end, True) < _as_local_bounds(stage.start, False))
         ):
             collector.add("the stage ends before it starts", (*where, "end"))
         if stage.slogans is not None:
             slogan_set = slogan_sets.get(stage.slogans.set)
             if slogan_set is None:
                 known = ", ".join(slogan_sets) or "none"
-                collector.add(f"unknown slogan set {stage.slogans.set!r} (sets: {known})",
-                              (*where, "slogans", "set"))
+                collector.add(
+                    f"unknown slogan set {stage.slogans.set!r} (sets: {known})",
+                    (*where, "slogans", "set"),
+                )
             else:
                 known_ids = {s.id for s in slogan_set.slogans}
                 wanted = [stage.slogans.id] if stage.slogans.id else (stage.slogans.ids or [])
                 for slogan_id in wanted:
                     if slogan_id not in known_ids:
-                        collector.add(f"unknown slogan id {slogan_id!r} in set {slogan_set.name!r}",
-                                      (*where, "slogans"))
-        if audience is not None and audience.kind == "email" and stage.subject is None:
+                        collector.add(
+                            f"unknown slogan id {slogan_id!r} in set {slogan_set.name!r}",
+                            (*where, "slogans"),
+                        )
+        if stage_audience is not None and stage_audience.kind == "email" and stage.subject is None:
             collector.add("an e-mail stage needs a 'subject' template", (*where, "subject"))
 
 
@@ -381,12 +416,21 @@ def _compile_stage(
     problems: list[Problem] = []
 
     def inline(source: str, key: str, kind: str = "text") -> CompiledTemplate | None:
-        line = collector.locator.line_of((*collector.prefix, *where, key)) or 1
-        name = f"{collector.file}: {_format_path((*collector.prefix, *where, key))}"
+        path = (*collector.prefix, *where, key)
+        line = collector.locator.line_of(path) or 1
         try:
-            return compile_template(source, name=name, kind=kind, first_line=line)  # type: ignore[arg-type]
+            return compile_template(
+                source,
+                name=str(collector.file),
+                kind=kind,  # type: ignore[arg-type]
+                first_line=line,
+            )
         except ProblemsError as exc:
-            problems.extend(exc.problems)
+            # Point at the key in the TOML file; the template's own line is already offset.
+            problems.extend(
+                Problem(p.message, file=str(collector.file), key=_format_path(path), line=p.line)
+                for p in exc.problems
+            )
             return None
 
     def from_file(relative: str, key: str, kind: str = "text") -> CompiledTemplate | None:

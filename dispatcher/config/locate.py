@@ -11,7 +11,9 @@ import re
 from collections.abc import Sequence
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(?:#.*)?$")
-_KEY = re.compile(r"^\s*((?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+_KEY = re.compile(
+    r"^\s*((?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*'))*)\s*="
+)
 _INLINE_KEY = re.compile(r"([A-Za-z0-9_\-]+)\s*=")
 
 PathPart = str | int
@@ -39,7 +41,7 @@ class KeyLocator:
             if header and not _KEY.match(line):
                 names = _split_dotted(header.group(2))
                 if header.group(1) == "[[":
-                    base = self._resolve(names, array_counts)
+                    base = (*self._resolve(names[:-1], array_counts), names[-1])
                     index = array_counts.get(base, 0)
                     array_counts[base] = index + 1
                     table = (*base, index)

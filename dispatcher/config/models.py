@@ -32,7 +32,9 @@ def _timezone(value: str) -> str:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Asia/Shanghai')") from exc
+        raise ValueError(
+            f"unknown time zone {value!r} (use an IANA name such as 'Asia/Shanghai')"
+        ) from exc
     return value
 
 
@@ -91,7 +93,9 @@ class AudienceConfig(Model):
         try:
             codecs.lookup(value)
         except LookupError as exc:
-            raise ValueError(f"unknown encoding {value!r} (try utf-8, utf-8-sig or gb18030)") from exc
+            raise ValueError(
+                f"unknown encoding {value!r} (try utf-8, utf-8-sig or gb18030)"
+            ) from exc
         return value
 
 
@@ -147,7 +151,9 @@ class StageConfig(Model):
         if self.every is not None and self.every < timedelta(minutes=1):
             raise ValueError("'every' must be at least 1m")
         if self.at is not None and self.at.tzinfo is not None:
-            raise ValueError("'at' is a local date-time in the campaign's time zone: drop the offset")
+            raise ValueError(
+                "'at' is a local date-time in the campaign's time zone: drop the offset"
+            )
         return self
 
     @field_validator("cron")
@@ -257,7 +263,9 @@ class ServerConfig(Model):
     """The HTTP endpoint inside the daemon (receipts, inbound replies, health, metrics)."""
 
     enabled: bool = True
-    listen: str = Field(default="127.0.0.1:8080", pattern=r"^[^:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
+    listen: str = Field(
+        default="127.0.0.1:8080", pattern=r"^[^:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"
+    )
     public_url: str | None = None
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 

@@ -30,7 +30,9 @@ def _driver_urls(url: str) -> tuple[str, str]:
     if backend in ("postgresql", "postgres"):
         psycopg = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return psycopg, psycopg
-    raise StorageError(f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:/// or postgresql://")
+    raise StorageError(
+        f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:/// or postgresql://"
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -226,7 +226,11 @@ async def recover_expired(
 
     A lease is dead when it expired or its owner is known dead. Returns (released, unknown ids).
     """
-    dead = or_(D.c.lease_until < now, D.c.owner.in_(list(dead_owners)) if dead_owners else False)
+    dead = (
+        or_(D.c.lease_until < now, D.c.owner.in_(list(dead_owners)))
+        if dead_owners
+        else D.c.lease_until < now
+    )
     released = await conn.execute(
         update(D)
         .where(D.c.status == S.CLAIMED, dead)

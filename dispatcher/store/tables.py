@@ -11,7 +11,7 @@ from sqlmodel import Field, SQLModel
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Aware datetimes in, aware UTC datetimes out, naive UTC in the database (SQLite has no zones)."""
+    """Aware datetimes in, aware UTC out, naive UTC in the database (SQLite has no time zones)."""
 
     impl = DateTime(timezone=False)
     cache_ok = True
@@ -28,7 +28,8 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if isinstance(value, str):  # raw SQL on SQLite returns text
             value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def utc_column(*, nullable: bool = True, index: bool = False) -> Any:
@@ -65,7 +66,9 @@ class StageRun(SQLModel, table=True):
     """One firing of one stage; unique per (campaign, stage, fire time) so a firing happens once."""
 
     __tablename__ = "stage_runs"
-    __table_args__ = (UniqueConstraint("campaign", "stage", "fire_time", name="uq_stage_run_firing"),)
+    __table_args__ = (
+        UniqueConstraint("campaign", "stage", "fire_time", name="uq_stage_run_firing"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     campaign: str = Field(max_length=64)
