@@ -1,0 +1,1 @@
+"""The daemon's HTTP endpoint: Twilio receipts and replies, health and metrics (see app.py)."""
