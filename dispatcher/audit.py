@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dispatcher.store.tables import AuditEntry
 
@@ -35,7 +35,9 @@ class AuditEvent:
     data: Mapping[str, Any] | None = None
 
 
-def canonical(seq: int, at: datetime, actor: str, kind: str, subject: str | None, data: str) -> bytes:
+def canonical(
+    seq: int, at: datetime, actor: str, kind: str, subject: str | None, data: str
+) -> bytes:
     """The exact bytes an entry's hash covers (besides the previous hash)."""
     body = {
         "seq": seq,
@@ -53,7 +55,9 @@ def entry_hash(prev_hash: str, payload: bytes) -> str:
 
 
 def encode_data(data: Mapping[str, Any] | None) -> str:
-    return json.dumps(data or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(
+        data or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
 
 
 async def append(conn: AsyncConnection, events: Sequence[AuditEvent], now: datetime) -> None:
@@ -72,8 +76,16 @@ async def append(conn: AsyncConnection, events: Sequence[AuditEvent], now: datet
         data = encode_data(event.data)
         digest = entry_hash(prev, canonical(seq, at, event.actor, event.kind, event.subject, data))
         rows.append(
-            {"seq": seq, "at": at, "actor": event.actor, "kind": event.kind,
-             "subject": event.subject, "data": data, "prev_hash": prev, "hash": digest}
+            {
+                "seq": seq,
+                "at": at,
+                "actor": event.actor,
+                "kind": event.kind,
+                "subject": event.subject,
+                "data": data,
+                "prev_hash": prev,
+                "hash": digest,
+            }
         )
         prev = digest
     await conn.execute(insert(T), rows)
@@ -81,46 +93,113 @@ async def append(conn: AsyncConnection, events: Sequence[AuditEvent], now: datet
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    """The outcome of walking the chain."""
+    """The outcome of walking the chain: how many entries were read, and the first break if any."""
 
     entries: int
     broken_at: int | None = None
     problem: str | None = None
+    head_seq: int = 0
+    head_hash: str = GENESIS
 
     @property
     def ok(self) -> bool:
         return self.broken_at is None
 
 
-def verify_entries(entries: Iterable[Mapping[str, Any]]) -> VerifyResult:
-    """Walk entries in stored order and report the first broken link."""
-    prev = GENESIS
-    expected_seq = 1
-    count = 0
-    for row in entries:
-        count += 1
+class ChainVerifier:
+    """Checks entries one at a time in stored order, remembering only the last link.
+
+    Constant memory whatever the chain's length: feed it entries with `check` (it returns the
+    first break, then keeps returning it), and read the outcome from `result`.
+    """
+
+    def __init__(self) -> None:
+        self._prev = GENESIS
+        self._expected = 1
+        self._entries = 0
+        self._broken: VerifyResult | None = None
+
+    def check(self, row: Mapping[str, Any]) -> VerifyResult | None:
+        """Check the next entry; return the first broken link found so far, or None."""
+        if self._broken is not None:
+            return self._broken
+        self._entries += 1
         seq = int(row["seq"])
-        at = row["at"] if isinstance(row["at"], datetime) else datetime.fromisoformat(
-            str(row["at"]).replace("Z", "+00:00"))
-        if seq != expected_seq:
-            what = "missing (deleted)" if seq > expected_seq else "out of order"
-            return VerifyResult(count, expected_seq, f"entry {expected_seq} is {what}: found {seq} next")
-        if row["prev_hash"] != prev:
-            return VerifyResult(count, seq, f"entry {seq} does not point to entry {seq - 1} (reordered or inserted)")
-        digest = entry_hash(prev, canonical(seq, at, row["actor"], row["kind"], row["subject"], row["data"]))
+        expected = self._expected
+        if seq > expected:
+            return self._break(
+                expected,
+                f"entry {expected} is missing: the next entry is {seq} "
+                "(entries deleted, or reordered)",
+            )
+        if seq < expected:
+            return self._break(
+                expected,
+                f"entry {seq} appears again after entry {expected - 1} "
+                "(entries duplicated or reordered)",
+            )
+        if row["prev_hash"] != self._prev:
+            return self._break(
+                seq,
+                f"entry {seq} does not follow entry {seq - 1}: its prev_hash is not "
+                f"the hash of entry {seq - 1} (an entry was inserted, replaced "
+                "or reordered here)",
+            )
+        digest = entry_hash(
+            self._prev,
+            canonical(
+                seq, _as_datetime(row["at"]), row["actor"], row["kind"], row["subject"], row["data"]
+            ),
+        )
         if digest != row["hash"]:
-            return VerifyResult(count, seq, f"entry {seq} was altered (its hash does not match its content)")
-        prev = digest
-        expected_seq += 1
-    return VerifyResult(count)
+            return self._break(seq, f"entry {seq} was altered: its hash does not match its content")
+        self._prev = digest
+        self._expected += 1
+        return None
+
+    def _break(self, seq: int, problem: str) -> VerifyResult:
+        self._broken = VerifyResult(self._entries, seq, problem, self._expected - 1, self._prev)
+        return self._broken
+
+    @property
+    def result(self) -> VerifyResult:
+        """The outcome so far: the first break, or an intact chain ending at its head."""
+        if self._broken is not None:
+            return self._broken
+        return VerifyResult(self._entries, head_seq=self._expected - 1, head_hash=self._prev)
 
 
-async def iter_entries(conn: AsyncConnection, batch: int = 5000) -> AsyncIterator[dict[str, Any]]:
-    """Every entry in storage order (by seq), streamed in batches."""
+def _as_datetime(value: datetime | str) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def verify_entries(entries: Iterable[Mapping[str, Any]]) -> VerifyResult:
+    """Walk entries in stored order and report the first broken link (streaming)."""
+    verifier = ChainVerifier()
+    for row in entries:
+        if verifier.check(row) is not None:
+            break
+    return verifier.result
+
+
+async def iter_entries(
+    source: AsyncConnection | AsyncEngine, batch: int = 5000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every entry in storage order (by seq), streamed in batches.
+
+    Given an engine rather than a connection, each batch is read in its own short transaction,
+    so a long walk never holds SQLite's write lock (taken by BEGIN IMMEDIATE) for long.
+    """
     last = 0
+    stmt = select(T).order_by(T.c.seq).limit(batch)
     while True:
-        rows = (await conn.execute(
-            select(T).where(T.c.seq > last).order_by(T.c.seq).limit(batch))).mappings().all()
+        if isinstance(source, AsyncEngine):
+            async with source.connect() as conn:
+                rows = (await conn.execute(stmt.where(T.c.seq > last))).mappings().all()
+        else:
+            rows = (await source.execute(stmt.where(T.c.seq > last))).mappings().all()
         if not rows:
             return
         for row in rows:
@@ -128,10 +207,33 @@ async def iter_entries(conn: AsyncConnection, batch: int = 5000) -> AsyncIterato
         last = rows[-1]["seq"]
 
 
-async def verify(conn: AsyncConnection) -> VerifyResult:
-    """Walk the whole chain in the database."""
-    rows = [row async for row in iter_entries(conn)]
-    return verify_entries(rows)
+async def verify(source: AsyncConnection | AsyncEngine, batch: int = 5000) -> VerifyResult:
+    """Walk the whole chain in the database in constant memory; stop at the first break."""
+    verifier = ChainVerifier()
+    async for row in iter_entries(source, batch):
+        if verifier.check(row) is not None:
+            break
+    return verifier.result
+
+
+def export_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One entry as an export line's object: every stored field, the time as ISO 8601 UTC."""
+    at = _as_datetime(row["at"]).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {
+        "seq": row["seq"],
+        "at": at,
+        "actor": row["actor"],
+        "kind": row["kind"],
+        "subject": row["subject"],
+        "data": row["data"],
+        "prev_hash": row["prev_hash"],
+        "hash": row["hash"],
+    }
+
+
+def export_line(row: Mapping[str, Any]) -> str:
+    """One entry as a JSON line (no newline) that `verify_entries` accepts back as it is."""
+    return json.dumps(export_record(row), ensure_ascii=False, separators=(",", ":"))
 
 
 async def count(conn: AsyncConnection) -> int:

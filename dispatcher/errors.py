@@ -67,3 +67,7 @@ class StorageError(DispatcherError):
 
 class OperatorError(DispatcherError):
     """An operator's command cannot be carried out as asked (unknown stage, nothing to retry)."""
+
+
+class AuditError(DispatcherError):
+    """The audit chain (in the database or an export) is broken or cannot be read."""

@@ -10,8 +10,10 @@ from typing import Any
 import click
 
 from dispatcher import __version__
+from dispatcher.cli import audit as audit_commands
 from dispatcher.cli import db as db_commands
-from dispatcher.cli import inspect, operate
+from dispatcher.cli import inspect, operate, report
+from dispatcher.cli import optout as optout_commands
 from dispatcher.errors import DispatcherError
 
 
@@ -46,6 +48,9 @@ def cli() -> None:
 for command in (*inspect.COMMANDS, *operate.COMMANDS):
     cli.add_command(command)
 cli.add_command(db_commands.db)
+cli.add_command(audit_commands.audit_group)
+cli.add_command(report.report)
+cli.add_command(optout_commands.optout)
 
 
 def main() -> None:
