@@ -17,7 +17,7 @@ from pathlib import Path
 from dispatcher.channels.base import Channel, ChannelContext
 from dispatcher.channels.simulator import SimulatorChannel, SimulatorSettings
 from dispatcher.config.loader import Config
-from dispatcher.engine.clock import ScaledClock
+from dispatcher.engine.clock import ScaledClock, VirtualClock
 from dispatcher.engine.engine import Engine
 from dispatcher.plan import Firing, firings
 from dispatcher.reports.status import RunSummary, summaries
@@ -32,7 +32,7 @@ INSTANT_SPEED = 100_000.0
 class RehearsalResult:
     """The accounting at the end of a rehearsal."""
 
-    database: Path
+    database: Path | None  # None when the throwaway database was removed
     firings: int
     summaries: list[RunSummary]
     started: datetime
@@ -59,12 +59,23 @@ async def rehearse(config: Config, *, speed: float = INSTANT_SPEED, database: Pa
                    on_firing: Callable[[Firing], None] | None = None) -> RehearsalResult:
     """Run every planned firing on a virtual clock and return the final accounting."""
     plan = firings(config, since=since, until=until)
-    if database is None:
-        database = Path(tempfile.mkdtemp(prefix="dispatcher-rehearsal-")) / "rehearsal.db"
+    if database is not None:
+        return await _rehearse(config, plan, speed, database, on_firing, keep=True)
+    # Without a path to keep it at, the database lives in a temporary folder removed at the end.
+    with tempfile.TemporaryDirectory(prefix="dispatcher-rehearsal-") as scratch:
+        return await _rehearse(config, plan, speed, Path(scratch) / "rehearsal.db", on_firing, keep=False)
+
+
+async def _rehearse(config: Config, plan: list[Firing], speed: float, database: Path,
+                    on_firing: Callable[[Firing], None] | None, *, keep: bool) -> RehearsalResult:
     db = Database.open(f"sqlite:///{database}")
     await db.upgrade()
     start = (plan[0].at if plan else datetime.now().astimezone()) - timedelta(minutes=1)
-    clock = ScaledClock(start, speed=speed)
+    # Instant rehearsals run on simulated time, so that how fast this machine works cannot
+    # change what the rehearsal reports (see VirtualClock); a given speed plays it in real time.
+    clock: ScaledClock | VirtualClock = (
+        VirtualClock(start) if speed >= INSTANT_SPEED else ScaledClock(start, speed)
+    )
     engine = Engine(config, db, clock, channels=simulators(config, speed), actor="rehearsal")
     await engine.start()
     try:
@@ -84,10 +95,12 @@ async def rehearse(config: Config, *, speed: float = INSTANT_SPEED, database: Pa
     async with db.engine.connect() as conn:
         result = await summaries(conn, now=clock.now())
     await db.close()
-    return RehearsalResult(database, len(plan), result, start, clock.now())
+    return RehearsalResult(database if keep else None, len(plan), result, start, clock.now())
 
 
-async def _advance_until(engine: Engine, db: Database, clock: ScaledClock, target: datetime | None) -> None:
+async def _advance_until(
+    engine: Engine, db: Database, clock: ScaledClock | VirtualClock, target: datetime | None
+) -> None:
     """Let the engine work; whenever nothing is due now, jump the clock to the next event."""
     while True:
         now = clock.now()
@@ -124,12 +137,19 @@ async def _nothing_due_now(db: Database, now: datetime) -> bool:
     return int(due) == 0
 
 
-async def _wait_for_receipts(engine: Engine, limit_s: float = 10.0) -> None:
+async def _wait_for_receipts(engine: Engine, stall_s: float = 10.0) -> None:
+    """Wait until the simulators have handed over every receipt, as long as they make progress.
+
+    A fixed limit would cut a large rehearsal short and report its tail `sent` instead of
+    `delivered`; only a pump that stopped moving for `stall_s` is given up on.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while loop.time() < deadline:
-        pending = sum(getattr(c, "pending_receipts", 0) for c in engine.channels.values())
-        if not pending:
+    last, since = -1, loop.time()
+    while pending := sum(getattr(c, "pending_receipts", 0) for c in engine.channels.values()):
+        if pending != last:
+            last, since = pending, loop.time()
+        elif loop.time() - since > stall_s:
+            log.warning("%d receipts still pending after %.0fs without progress", pending, stall_s)
             break
         await asyncio.sleep(0.02)
     # Let the writer commit the last receipts.

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,9 +24,9 @@ from dispatcher.channels.base import Channel, ChannelContext, OutboundMessage, O
 from dispatcher.config.loader import Config
 from dispatcher.config.models import CampaignConfig, StageConfig
 from dispatcher.engine.clock import Clock
-from dispatcher.engine.materialise import MaterialiseResult, materialise
+from dispatcher.engine.materialise import Interrupted, MaterialiseResult, materialise
 from dispatcher.engine.policy import RetryPolicy
-from dispatcher.engine.ratelimit import RateLimiter
+from dispatcher.engine.ratelimit import WINDOW_MARGIN_S, RateLimiter
 from dispatcher.engine.worker import ChannelWorker, RunInfo
 from dispatcher.engine.writer import DeliveryWriter
 from dispatcher.errors import ChannelError, DispatcherError
@@ -88,25 +89,37 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._materialising: set[asyncio.Task[None]] = set()
         self.on_receipt: Callable[[Receipt], Awaitable[None]] | None = None
+        #: Receipts applied, by (channel, status, error code or ""), for /metrics.
+        self.receipt_counts: Counter[tuple[str, str, str]] = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, *, send: bool = True) -> None:
         """Register this worker, open channels and start the writer (and send workers)."""
         self.writer.start()
+        now = self.clock.now()
         async with self.db.engine.begin() as conn:
-            await workers.register(conn, self.worker_id, now=self.clock.now())
+            await workers.register(conn, self.worker_id, now=now)
+            live = await workers.live_workers(conn, now=now, lease=self.lease, me=self.worker_id)
+        # Live workers split each channel's rate. Those already sending learn of this one at
+        # their next housekeeping, and their last second of sends still counts against the
+        # cap, so this one waits that long before it sends.
+        heartbeat = self.config.root.engine.heartbeat.total_seconds()
+        start_delay = 2 * heartbeat + 1 + WINDOW_MARGIN_S if len(live) > 1 else 0.0
         if send:
             await self._open_channels()
             for name, channel in self.channels.items():
                 cfg = self.config.root.channels[name]
+                limiter = RateLimiter(cfg.rate, cfg.bucket_size, self.clock)
+                limiter.set_share(len(live))
                 worker = ChannelWorker(
                     name=name, channel=channel, db=self.db, writer=self.writer,
-                    limiter=RateLimiter(cfg.rate, cfg.bucket_size, self.clock), clock=self.clock,
+                    limiter=limiter, clock=self.clock,
                     owner=self.worker_id, policy=self.policy, concurrency=cfg.concurrency,
                     batch_size=self.config.root.engine.batch_size, lease=self.lease,
                     run_info=self._lookup_run_info,
                     poll_interval=self.config.root.engine.poll_interval.total_seconds(),
+                    start_delay=start_delay,
                 )
                 self.workers[name] = worker
                 self._tasks.append(asyncio.create_task(worker.run(self._stop), name=f"worker-{name}"))
@@ -135,23 +148,52 @@ class Engine:
         """Stop claiming, let in-flight sends finish (up to `timeout`), close everything."""
         self._stop.set()
         timeout = timeout if timeout is not None else self.config.root.engine.shutdown_timeout.total_seconds()
+        # Only sends are ever cut off. A task cancelled in the middle of a database statement
+        # can leave the connection holding SQLite's write lock, and the rest of the shutdown
+        # then fails with "database is locked": so the loops around the sends, and the
+        # materialisations (which stop at their next batch), are left to finish what they do.
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            done, still = await asyncio.wait(pending, timeout=timeout)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
-        for task in list(self._materialising):
-            task.cancel()
-        await asyncio.gather(*self._materialising, return_exceptions=True)
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            if still:
+                for worker in self.workers.values():
+                    worker.cancel_sends()
+                await self._wait_or_cancel(list(still))
+        await self._wait_or_cancel(list(self._materialising))
         for channel in self.channels.values():
             try:
                 await channel.close()
             except Exception as exc:
                 log.warning("channel %s did not close cleanly: %s", channel.name, exc)
         await self.writer.close()
+        now = self.clock.now()
         async with self.db.engine.begin() as conn:
-            await workers.stopped(conn, self.worker_id, now=self.clock.now())
+            # What this worker still holds once its tasks are over (sends cut off by the timeout,
+            # a materialisation stopped half-way) is settled now, not when its leases run out:
+            # claimed rows go back to the queue, rows in flight become unknown, and runs being
+            # materialised are left for the next worker to resume from their checkpoint.
+            released, unknown = await queue.recover_expired(
+                conn, now=now, dead_owners=[self.worker_id])
+            handed_over = await runs.release(conn, owner=self.worker_id, now=now)
+            if released or unknown or handed_over:
+                await audit.append(conn, [audit.AuditEvent(
+                    "recovery", self.actor, data={"stopping": self.worker_id, "released": released,
+                                                  "unknown": unknown, "runs": handed_over})], now)
+            await workers.stopped(conn, self.worker_id, now=now)
+        if released or unknown or handed_over:
+            log.warning("stopped before finishing: %d deliveries back to pending, %d in flight now "
+                        "unknown, %d materialisations to resume", released, len(unknown),
+                        len(handed_over))
+
+    @staticmethod
+    async def _wait_or_cancel(tasks: list[asyncio.Task[None]], grace_s: float = 30.0) -> None:
+        """Let tasks that were told to stop finish; cancel them only if they hang past `grace_s`."""
+        if not tasks:
+            return
+        _, still = await asyncio.wait(tasks, timeout=grace_s)
+        for task in still:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- firing ------------------------------------------------------------------------------
 
@@ -177,7 +219,8 @@ class Engine:
         log.info("firing %s/%s (%s, run %s)", campaign.id, stage.id, trigger, run_id)
         job = stage_firing(self.config, campaign, stage, firing)
         coro = materialise(self.db, run_id, job, owner=self.worker_id, clock=self.clock,
-                           lease=self.lease, batch_size=1000, on_batch=self._wake_workers)
+                           lease=self.lease, batch_size=1000, on_batch=self._wake_workers,
+                           stopping=self._stop.is_set)
         if wait:
             result = await coro
             self._wake_workers()
@@ -190,7 +233,7 @@ class Engine:
     async def _background(self, coro: Awaitable[MaterialiseResult]) -> None:
         try:
             await coro
-        except runs.LostLease:
+        except (runs.LostLease, Interrupted):
             pass
         except DispatcherError as exc:
             log.error("materialisation failed: %s", exc)
@@ -238,6 +281,7 @@ class Engine:
     # -- receipts ----------------------------------------------------------------------------
 
     async def _receipt(self, receipt: Receipt) -> None:
+        self.receipt_counts[(receipt.channel, receipt.status.value, receipt.error_code or "")] += 1
         await self.writer.receipt(receipt)
         if self.on_receipt is not None:
             await self.on_receipt(receipt)
@@ -256,7 +300,7 @@ class Engine:
             except Exception as exc:  # the database may be briefly unavailable: try again later
                 log.warning("housekeeping failed: %s", exc)
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=interval / getattr(self.clock, "speed", 1.0))
+                await asyncio.wait_for(self._stop.wait(), timeout=self.clock.real_seconds(interval))
             except TimeoutError:
                 pass
 
@@ -278,6 +322,9 @@ class Engine:
                 await audit.append(conn, [audit.AuditEvent(
                     "recovery", self.actor, data={"dead_workers": dead, "released": released,
                                                   "unknown": unknown})], now)
+            live = await workers.live_workers(conn, now=now, lease=self.lease, me=self.worker_id)
+        for worker in self.workers.values():
+            worker.limiter.set_share(len(live))
         if released or unknown:
             log.warning("recovered leases of stopped workers: %d back to pending, %d in flight now unknown",
                         released, len(unknown))
@@ -300,7 +347,8 @@ class Engine:
         firing = Firing(campaign.id, stage.id, run["fire_time"], run["firing_index"])
         job = stage_firing(self.config, campaign, stage, firing)
         coro = materialise(self.db, run_id, job, owner=self.worker_id, clock=self.clock,
-                           lease=self.lease, on_batch=self._wake_workers)
+                           lease=self.lease, on_batch=self._wake_workers,
+                           stopping=self._stop.is_set)
         task = asyncio.create_task(self._background(coro), name=f"materialise-{run_id}")
         self._materialising.add(task)
         task.add_done_callback(self._materialising.discard)

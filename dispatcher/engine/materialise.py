@@ -29,6 +29,10 @@ log = logging.getLogger("dispatcher.engine")
 O = OptOut.__table__  # type: ignore[attr-defined]
 
 
+class Interrupted(Exception):
+    """Materialisation stopped at a batch boundary because the engine is stopping."""
+
+
 @dataclass(frozen=True, slots=True)
 class MaterialiseResult:
     run_id: int
@@ -48,8 +52,13 @@ async def materialise(
     lease: timedelta,
     batch_size: int = 1000,
     on_batch: Callable[[], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> MaterialiseResult:
-    """Fill stage run `run_id` (owned by `owner`) with deliveries, resuming from its checkpoint."""
+    """Fill stage run `run_id` (owned by `owner`) with deliveries, resuming from its checkpoint.
+
+    When `stopping()` turns true it raises `Interrupted` after the next committed batch, so a
+    shutdown never cuts a transaction in half; the run resumes from that checkpoint later.
+    """
     async with db.engine.connect() as conn:
         run = await runs.get_run(conn, run_id)
     if run is None:
@@ -95,6 +104,8 @@ async def materialise(
                 deliveries.append(_delivery_row(job, run_id, row, now, valid_until, max_segments))
             if len(deliveries) + len(rejections) >= batch_size:
                 await flush()
+                if stopping is not None and stopping():
+                    raise Interrupted(run_id)
                 # Rendering is CPU work: yield between batches so sends keep flowing.
                 await asyncio.sleep(0)
         await flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,7 +34,8 @@ class RetryPolicy:
         if retry_after is not None:
             # The provider's Retry-After is a floor: sending earlier would be refused again.
             delay = max(delay, retry_after)
-        when = now + timedelta(seconds=delay)
+        # Rounded up to the microsecond, so that a Retry-After floor is never undercut by rounding.
+        when = now + timedelta(microseconds=math.ceil(delay * 1_000_000))
         if when - created_at > self.max_age:
             return None
         return when

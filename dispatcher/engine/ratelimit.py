@@ -1,8 +1,14 @@
-"""Pacing: a token bucket for smoothness plus a sliding-window guard for the hard cap.
+"""Pacing: a token bucket for smoothness plus sliding-window guards for the hard cap.
 
 The bucket alone would allow `burst + rate` sends in a 1 s window; the guard remembers the last
 `floor(rate)` grant times and never grants the next one before the oldest is a full window old,
-so no window of one second (plus a small margin for commit jitter) ever holds more than the cap.
+so no window of one second ever holds more than the cap of grants.
+
+Grants are not provider calls, though: between the two lies the commit of the in-flight mark,
+whose latency varies from batch to batch, so a burst granted at once reaches the provider spread
+out and the next burst, granted a window later, can land inside the same provider-side second
+(58 calls in one second at a rate of 50 was measured). `admit`, called right before the
+provider call, applies the same guard to call times; it only ever waits for that jitter.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from dispatcher.engine.clock import Clock
 # Grants turn into provider calls a few milliseconds later (after the in-flight mark commits);
 # a margin keeps that jitter from pushing two grants into one provider-side window.
 WINDOW_MARGIN_S = 0.01
+# Waits shorter than this count as none. Float rounding can leave a token at 0.9999999 or a
+# window a hair short of full; on a clock that only moves when slept on (virtual time), adding
+# such a wait to a large reading changes nothing, and the limiter would spin forever.
+EPSILON_S = 1e-9
 
 
 class RateLimiter:
@@ -24,16 +34,40 @@ class RateLimiter:
     def __init__(self, rate: float, burst: int, clock: Clock, window_s: float = 1.0) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
+        self.channel_rate = rate
+        self.channel_burst = burst
         self.rate = rate
         self.burst = burst
         self.clock = clock
+        self.window_s = window_s
         self.window = window_s + WINDOW_MARGIN_S
+        self.workers = 1
         self._tokens = float(min(burst, max(1, math.floor(rate))))
         self._updated = clock.monotonic()
         cap = math.floor(rate * window_s)
         self._recent: deque[float] | None = deque(maxlen=cap) if cap >= 1 else None
+        self._calls: deque[float] | None = deque(maxlen=cap) if cap >= 1 else None
         self._lock = asyncio.Lock()
+        self._call_lock = asyncio.Lock()
         self.waited_s = 0.0
+
+    def set_share(self, workers: int) -> None:
+        """Pace at 1/`workers` of the channel's rate and burst: every live worker sends on it.
+
+        Each process has its own limiter, so the channel's rate holds across processes only if
+        they split it. The sliding windows keep their most recent entries, so a worker that
+        learns of a newcomer keeps the smaller cap from its next grant on.
+        """
+        workers = max(1, workers)
+        if workers == self.workers:
+            return
+        self.workers = workers
+        self.rate = self.channel_rate / workers
+        self.burst = max(1, self.channel_burst // workers)
+        self._tokens = min(self._tokens, float(self.burst))
+        cap = math.floor(self.rate * self.window_s)
+        self._recent = deque(self._recent or (), maxlen=cap) if cap >= 1 else None
+        self._calls = deque(self._calls or (), maxlen=cap) if cap >= 1 else None
 
     async def acquire(self) -> None:
         """Wait for permission to make one send (FIFO among waiters)."""
@@ -42,14 +76,28 @@ class RateLimiter:
                 now = self.clock.monotonic()
                 self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
                 self._updated = now
-                wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+                wait = (1 - self._tokens) / self.rate
                 recent = self._recent
                 if recent is not None and len(recent) == recent.maxlen:
                     wait = max(wait, recent[0] + self.window - now)
-                if wait <= 0:
-                    self._tokens -= 1
+                if wait <= EPSILON_S:
+                    self._tokens = max(0.0, self._tokens - 1)
                     if recent is not None:
                         recent.append(now)
                     return
                 self.waited_s += wait
                 await self.clock.sleep(wait)
+
+    async def admit(self) -> None:
+        """Wait until one more provider call keeps every window within the cap."""
+        calls = self._calls
+        if calls is None:
+            return
+        async with self._call_lock:
+            while len(calls) == calls.maxlen:
+                wait = calls[0] + self.window - self.clock.monotonic()
+                if wait <= EPSILON_S:
+                    break
+                self.waited_s += wait
+                await self.clock.sleep(wait)
+            calls.append(self.clock.monotonic())

@@ -8,12 +8,16 @@ opt-out list in the same statement), then the provider call, then the outcome.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from dispatcher.addresses import mask_address
@@ -42,6 +46,11 @@ class RunInfo:
     max_attempts: int
 
 
+#: Upper bounds (seconds) of the provider-call latency histogram exposed on /metrics.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass
 class WorkerStats:
     claimed: int = 0
@@ -51,6 +60,20 @@ class WorkerStats:
     unknown: int = 0
     suppressed: int = 0
     deferred: int = 0
+    # For /metrics: provider answers by outcome and code, and call latency per bucket
+    # (the last slot counts calls slower than the largest bound).
+    outcomes: Counter[str] = field(default_factory=Counter)
+    error_codes: Counter[str] = field(default_factory=Counter)
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
+
+    def observe(self, result: SendResult, latency_s: float) -> None:
+        """Count one provider call: its outcome, its error code and how long it took."""
+        self.outcomes[result.outcome.value] += 1
+        if result.error_code:
+            self.error_codes[result.error_code] += 1
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+        self.latency_sum_s += latency_s
 
 
 class ChannelWorker:
@@ -73,6 +96,7 @@ class ChannelWorker:
         run_info: Callable[[int], Awaitable[RunInfo | None]],
         poll_interval: float = 1.0,
         send_timeout: float = 120.0,
+        start_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.channel = channel
@@ -87,11 +111,13 @@ class ChannelWorker:
         self.run_info = run_info
         self.poll_interval = poll_interval
         self.send_timeout = send_timeout
+        self.start_delay = start_delay
         self.stats = WorkerStats()
         self.wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pacing: set[asyncio.Task[Any]] = set()  # sends waiting for a rate-limit token
         self._rng = random.Random()
 
     @property
@@ -100,6 +126,11 @@ class ChannelWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set, then let in-flight sends finish."""
+        if self.start_delay > 0:
+            # Other workers share this channel's rate: give them time to notice this one and
+            # lower their share before it adds its own sends (see Engine.start).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.clock.real_seconds(self.start_delay))
         while not stop.is_set():
             try:
                 claimed = await self._claim()
@@ -118,7 +149,16 @@ class ChannelWorker:
                 task = asyncio.create_task(self._deliver(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
+        # Sends still waiting for a token are not in flight: at a low rate they could hold the
+        # shutdown for long, so they are handed back (see _deliver) instead of waited for.
+        for task in list(self._pacing):
+            task.cancel()
         await self.drain()
+
+    def cancel_sends(self) -> None:
+        """Cut off every send still under way (the shutdown timeout ran out)."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def drain(self) -> None:
         """Wait for in-flight sends."""
@@ -134,7 +174,7 @@ class ChannelWorker:
     async def _idle(self, stop: asyncio.Event) -> None:
         self.wake.clear()
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wake.wait()),
-                   asyncio.create_task(self.clock.sleep(self.poll_interval))]
+                   asyncio.create_task(asyncio.sleep(self.clock.real_seconds(self.poll_interval)))]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -170,7 +210,16 @@ class ChannelWorker:
             self.stats.deferred += 1
             await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
             return
-        await self.limiter.acquire()
+        current = asyncio.current_task()
+        assert current is not None
+        self._pacing.add(current)
+        try:
+            await self.limiter.acquire()
+        except asyncio.CancelledError:  # stopping (see run): not in flight, so back to the queue
+            await self.writer.release(delivery.id, self.clock.now())
+            raise
+        finally:
+            self._pacing.discard(current)
         now = self.clock.now()
         if not in_window(info.window, info.tz, now):  # the wait for a token crossed the closing time
             self.stats.deferred += 1
@@ -186,16 +235,21 @@ class ChannelWorker:
             campaign=info.campaign, stage=info.stage, subject=delivery.subject, html=delivery.html,
             encoding=delivery.encoding, segments=delivery.segments, valid_until=delivery.valid_until,
         )
+        await self.limiter.admit()
         started = self.clock.now()
         t0 = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self.channel.send(message), timeout=self.send_timeout)
+            # A timeout scope, not wait_for: the call starts now, in this task, not one loop
+            # iteration later in a new one (which would blur the pacing `admit` just did).
+            async with asyncio.timeout(self.send_timeout):
+                result = await self.channel.send(message)
         except TimeoutError:
             result = SendResult.ambiguous("timeout", f"no answer within {self.send_timeout:.0f}s")
         except Exception as exc:  # an adapter bug must not lose the delivery: it may have gone out
             log.error("channel %s: adapter raised %r for %s", self.name, exc, mask_address(delivery.address))
             result = SendResult.ambiguous("adapter-error", f"{type(exc).__name__}: {exc}")
         latency_ms = (time.perf_counter() - t0) * 1000
+        self.stats.observe(result, latency_ms / 1000)
         await self._record(delivery, info, result, started, latency_ms)
 
     async def _record(self, delivery: queue.ClaimedDelivery, info: RunInfo, result: SendResult,

@@ -146,29 +146,31 @@ class DeliveryWriter:
                     if fut2 is not None and not fut2.done():
                         fut2.set_exception(exc)
 
-    async def _apply_receipts(self, conn: AsyncConnection, receipts: list[Receipt],
-                              now: datetime) -> list[list[object]]:
-        settled: list[list[object]] = []
+    async def _apply_receipts(
+        self, conn: AsyncConnection, receipts: list[Receipt], now: datetime
+    ) -> tuple[list[list[object]], list[tuple[Receipt, float]]]:
+        """Apply new and early receipts; returns (audit changes, receipts still early)."""
+        # Early receipts are taken from self._early but only replaced after the commit: if the
+        # transaction rolls back and is retried, none is lost or applied twice.
         pending = [(r, time.monotonic() + EARLY_RECEIPT_GRACE_S) for r in receipts] + self._early
-        self._early = []
-        for receipt, deadline in pending:
+        updates = []
+        for receipt, _ in pending:
             status = _RECEIPT_STATUS[receipt.status]
-            code = receipt.error_code if status == "failed" else None
-            delivery_id = await queue.apply_receipt(
-                conn, channel=receipt.channel, provider_id=receipt.provider_id, status=status,
-                error_code=code, reason=receipt.reason, now=receipt.at or now)
-            if delivery_id is None:
-                if time.monotonic() < deadline:
-                    self._early.append((receipt, deadline))
-                else:
-                    self.unmatched_receipts += 1
-                    log.info("receipt for unknown message id %s on channel %s ignored",
-                             receipt.provider_id, receipt.channel)
+            updates.append(queue.ReceiptUpdate(
+                channel=receipt.channel, provider_id=receipt.provider_id, status=status,
+                error_code=receipt.error_code if status == "failed" else None,
+                reason=receipt.reason, at=receipt.at or now))
+        changes, unknown = await queue.apply_receipts(conn, updates)
+        early = []
+        for index in unknown:
+            receipt, deadline = pending[index]
+            if time.monotonic() < deadline:
+                early.append((receipt, deadline))
             else:
-                settled.append([delivery_id, status, code])
-        if self._early:
-            self._wake.set()
-        return settled
+                self.unmatched_receipts += 1
+                log.info("receipt for unknown message id %s on channel %s ignored",
+                         receipt.provider_id, receipt.channel)
+        return [list(change) for change in changes], early
 
     async def _commit_with_retry(self, batch: _Batch) -> None:
         # A locked SQLite file or a restarting PostgreSQL is waited out: the transaction rolled
@@ -206,12 +208,13 @@ class DeliveryWriter:
                         audit.AuditEvent("optout.add", self.owner, subject=a, data={"source": source})
                         for a in added
                     )
-            settled = await self._apply_receipts(conn, batch.receipts, now)
+            settled, early = await self._apply_receipts(conn, batch.receipts, now)
             changes = _changes(batch.outcomes, marked, opted) + settled
             if changes:
                 events.append(audit.AuditEvent("deliveries", self.owner, data={"changes": changes}))
             await audit.append(conn, events, now)
         self.commits += 1
+        self._early = early
         for delivery_id in batch.sending:
             fut = self._sending_results.pop(delivery_id, None)
             if fut is not None and not fut.done():

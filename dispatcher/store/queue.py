@@ -296,7 +296,9 @@ __all__ = [
     "AttemptRecord",
     "ClaimedDelivery",
     "Outcome",
+    "ReceiptUpdate",
     "add_opt_outs",
+    "apply_receipts",
     "claim",
     "mark_sending",
     "next_due",
@@ -309,33 +311,82 @@ __all__ = [
 ]
 
 
-async def apply_receipt(
-    conn: AsyncConnection,
-    *,
-    channel: str,
-    provider_id: str,
-    status: str,
-    error_code: str | None,
-    reason: str | None,
-    now: datetime,
-) -> int | None:
-    """Settle a delivery from a provider's receipt; returns its id, or None if no row matched.
+@dataclass(frozen=True, slots=True)
+class ReceiptUpdate:
+    """A provider's final word on one message, to apply to the delivery holding its message id."""
+
+    channel: str
+    provider_id: str
+    status: str  # delivered | failed
+    error_code: str | None
+    reason: str | None
+    at: datetime
+
+
+_RECEIPT_UPDATE = (
+    update(D)
+    # Equalities, not IN: an executemany statement cannot carry an expanding IN parameter.
+    .where(
+        D.c.id == bindparam("b_id"),
+        or_(D.c.status == S.SENT, D.c.status == S.UNKNOWN, D.c.status == S.SENDING),
+    )
+    .values(
+        status=bindparam("b_status"),
+        error_code=bindparam("b_error_code"),
+        error_reason=bindparam("b_reason"),
+        final_at=bindparam("b_final_at", type_=D.c.final_at.type),
+        owner=None,
+        lease_until=None,
+    )
+)
+# Message ids looked up per statement: well under SQLite's limit on bound parameters.
+_LOOKUP_CHUNK = 500
+
+
+async def apply_receipts(
+    conn: AsyncConnection, receipts: Sequence[ReceiptUpdate]
+) -> tuple[list[tuple[int, str, str | None]], list[int]]:
+    """Settle deliveries from receipts, in order; returns (changes made, indexes of unknown ids).
 
     Only forward moves: a `sent` (or `unknown`: the receipt proves it went out) delivery becomes
-    `delivered` or `failed`; a delivered one never goes back, and replays change nothing.
+    `delivered` or `failed`; a settled one never changes again, so a replayed or contradicting
+    late receipt changes nothing and is not reported as a change. A receipt whose message id is
+    not in the database yet (it raced ahead of the outcome that records the id) is reported back
+    by index, to be tried again. One lookup per 500 ids and one batched update, not two
+    statements per receipt: receipts come in bursts as large as the send rate.
     """
-    result = await conn.execute(
-        update(D)
-        .where(D.c.channel == channel, D.c.provider_id == provider_id,
-               D.c.status.in_([S.SENT, S.UNKNOWN, S.SENDING]))
-        .values(status=status, error_code=error_code, error_reason=reason, final_at=now,
-                owner=None, lease_until=None)
-        .returning(D.c.id)
-    )
-    row = result.first()
-    if row is not None:
-        return int(row[0])
-    known = await conn.execute(
-        select(D.c.id).where(D.c.channel == channel, D.c.provider_id == provider_id).limit(1))
-    found = known.first()
-    return int(found[0]) if found is not None else None
+    if not receipts:
+        return [], []
+    wanted: dict[str, set[str]] = {}
+    for r in receipts:
+        wanted.setdefault(r.channel, set()).add(r.provider_id)
+    found: dict[tuple[str, str], tuple[int, str]] = {}
+    for channel, provider_ids in wanted.items():
+        ordered = sorted(provider_ids)
+        for i in range(0, len(ordered), _LOOKUP_CHUNK):
+            stmt = select(D.c.id, D.c.provider_id, D.c.status).where(
+                D.c.channel == channel, D.c.provider_id.in_(ordered[i : i + _LOOKUP_CHUNK])
+            )
+            if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises
+                stmt = stmt.with_for_update()
+            for delivery_id, provider_id, status in (await conn.execute(stmt)).all():
+                found[(channel, provider_id)] = (delivery_id, status)
+    changes: list[tuple[int, str, str | None]] = []
+    unknown: list[int] = []
+    params: list[dict[str, object]] = []
+    for index, r in enumerate(receipts):
+        key = (r.channel, r.provider_id)
+        hit = found.get(key)
+        if hit is None:
+            unknown.append(index)
+            continue
+        delivery_id, status = hit
+        if status not in (S.SENT, S.UNKNOWN, S.SENDING):
+            continue
+        found[key] = (delivery_id, r.status)
+        changes.append((delivery_id, r.status, r.error_code))
+        params.append({"b_id": delivery_id, "b_status": r.status, "b_error_code": r.error_code,
+                       "b_reason": r.reason, "b_final_at": r.at})
+    if params:
+        await conn.execute(_RECEIPT_UPDATE, params)
+    return changes, unknown

@@ -129,6 +129,15 @@ async def take_over_stale(conn: AsyncConnection, *, owner: str, now: datetime, l
     return [r[0] for r in rows.all()]
 
 
+async def release(conn: AsyncConnection, *, owner: str, now: datetime) -> list[int]:
+    """Give up the materialisations `owner` holds (it is stopping): the next worker resumes them."""
+    rows = await conn.execute(
+        update(R).where(R.c.owner == owner, R.c.status == StageRunStatus.MATERIALISING)
+        .values(lease_until=now).returning(R.c.id)
+    )
+    return [r[0] for r in rows.all()]
+
+
 async def renew(conn: AsyncConnection, *, owner: str, lease_until: datetime) -> None:
     await conn.execute(update(R).where(R.c.owner == owner, R.c.status == StageRunStatus.MATERIALISING)
                        .values(lease_until=lease_until))

@@ -62,3 +62,12 @@ async def mark_dead(conn: AsyncConnection, worker_ids: Sequence[str], *, now: da
     """Mark workers stopped so their rows are not examined again; keeps them for the record."""
     await conn.execute(update(W).where(W.c.id.in_(list(worker_ids)), W.c.stopped_at.is_(None))
                        .values(stopped_at=now))
+
+
+async def live_workers(
+    conn: AsyncConnection, *, now: datetime, lease: timedelta, me: str
+) -> list[str]:
+    """This worker and every other one that may be sending: registered, not stopped, not dead."""
+    rows = (await conn.execute(select(W.c.id).where(W.c.id != me, W.c.stopped_at.is_(None)))).all()
+    dead = set(await dead_workers(conn, now=now, lease=lease, me=me))
+    return [me, *(worker_id for (worker_id,) in rows if worker_id not in dead)]
