@@ -32,19 +32,24 @@ STATUS_COLUMNS = ("sent", "delivered", "failed", "suppressed", "unknown", "pendi
 @config_argument
 @click.option("--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
-def run_command(config: str, log_format: str, log_level: str) -> None:
+@click.option("--listen", metavar="HOST:PORT", help="Override server.listen (one port per worker on a host).")
+@click.option("--no-server", is_flag=True, help="Run without the HTTP endpoint (no receipts or replies).")
+def run_command(config: str, log_format: str, log_level: str, listen: str | None, no_server: bool) -> None:
     """Run the daemon in the foreground: fire stages on schedule and send (SIGTERM stops it)."""
     cfg = load(config)
+    if listen is not None:
+        from dispatcher.server.app import parse_listen
+
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise OperatorError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8081") from exc
+        cfg.root.server = cfg.root.server.model_copy(update={"listen": listen})
     configure_logging(log_format, log_level)
     from dispatcher.daemon import Daemon
+    from dispatcher.server.app import serve
 
-    server = None
-    if cfg.root.server.enabled:
-        try:
-            from dispatcher.server.app import serve
-        except ImportError:  # the HTTP endpoint is optional in this build
-            serve = None
-        server = serve
+    server = serve if cfg.root.server.enabled and not no_server else None
     run(Daemon(cfg, server=server).run())
 
 

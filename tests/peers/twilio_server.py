@@ -46,6 +46,7 @@ import signal
 import socket
 import struct
 import sys
+import time as _time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -577,7 +578,9 @@ class TwilioServer:
         self._by_sid[message.sid] = message
         self._by_to.setdefault(message.to, []).append(message)
         if self._record_file is not None:
-            self._record_file.write(payload + "\n")
+            # The receive time (sub-second, this machine's clock) lets tests check rate caps
+            # per 1 s window at the provider's side.
+            self._record_file.write(f'{{"received_at": {_time.time():.6f}, {payload[1:]}\n')
         if self.callbacks and message.status_callback:
             self._spawn(self._send_callbacks(message))
 
