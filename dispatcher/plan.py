@@ -18,6 +18,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from dispatcher.config.loader import Config
 from dispatcher.config.models import CampaignConfig, SendWindow, StageConfig
+from dispatcher.crontab import crontab_fields
 
 # A stage on a short interval over a long campaign must not make `plan` run forever.
 MAX_FIRINGS_PER_STAGE = 10_000
@@ -62,45 +63,13 @@ def build_trigger(campaign: CampaignConfig, stage: StageConfig) -> BaseTrigger:
     if stage.at is not None:
         return DateTrigger(run_date=stage.at.replace(tzinfo=tz), timezone=tz)
     if stage.cron is not None:
-        fields = stage.cron.split()
-        minute, hour, day, month, day_of_week = fields
-        # APScheduler's own from_crontab uses this same mapping; we add start/end bounds.
         return CronTrigger(
-            minute=minute,
-            hour=hour,
-            day=day,
-            month=month,
-            day_of_week=_crontab_weekdays(day_of_week),
-            start_date=start,
-            end_date=end,
-            timezone=tz,
+            **crontab_fields(stage.cron), start_date=start, end_date=end, timezone=tz
         )
     assert stage.every is not None
     return IntervalTrigger(
         seconds=int(stage.every.total_seconds()), start_date=start, end_date=end, timezone=tz
     )
-
-
-def _crontab_weekdays(expr: str) -> str:
-    # Crontab counts Sunday as 0 (or 7); APScheduler's day_of_week counts Monday as 0.
-    # CronTrigger.from_crontab passes the field through unchanged, which is a known trap, so
-    # translate numeric weekdays here.
-    names = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-    out = []
-    for part in expr.split(","):
-        step = ""
-        if "/" in part:
-            part, step = part.split("/", 1)
-            step = "/" + step
-        if part == "*":
-            out.append(part + step)
-            continue
-        pieces = part.split("-")
-        if all(p.isdigit() and int(p) <= 7 for p in pieces):
-            out.append("-".join(names[int(p)] for p in pieces) + step)
-        else:
-            out.append(part + step)
-    return ",".join(out)
 
 
 def iter_firings(campaign: CampaignConfig, stage: StageConfig) -> Iterator[Firing]:

@@ -79,11 +79,6 @@ def test_crontab_weekday_numbers_count_from_sunday() -> None:
     assert weekdays("5,0") == ["Fri", "Sun", "Fri", "Sun"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crontab allows 7 for Sunday and plan translates it, but the "
-    "config's cron validator (CronTrigger.from_crontab) rejects it",
-)
 def test_seven_is_sunday_too() -> None:
     assert weekdays("7") == ["Sun", "Sun"]
 
@@ -102,30 +97,14 @@ def test_weekday_ranges_and_names() -> None:
     assert weekdays("2-4") == ["Wed", "Thu", "Tue", "Wed", "Thu", "Tue"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'1-5/2' becomes 'mon-fri/2' and APScheduler drops the step "
-    "of a named range, so it fires every weekday",
-)
 def test_a_stepped_weekday_range() -> None:
     assert weekdays("1-5/2") == ["Wed", "Fri", "Mon", "Wed", "Fri", "Mon"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan._crontab_weekdays passes '*/n' through, so APScheduler "
-    "steps from Monday instead of Sunday (fires Mon, Wed, Fri, Sun)",
-)
 def test_a_weekday_step_counts_from_sunday() -> None:
     assert weekdays("*/2") == ["Thu", "Sat", "Sun", "Tue", "Thu", "Sat", "Sun", "Tue"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="'0-3' becomes 'sun-wed', which APScheduler "
-    "rejects (its Sunday is 6): the config passes `check`, then `plan` and `run` fail",
-)
 def test_a_weekday_range_starting_on_sunday() -> None:
     assert weekdays("0-3") == ["Wed", "Sun", "Mon", "Tue", "Wed", "Sun", "Mon", "Tue"]
 
@@ -256,3 +235,30 @@ def test_the_next_opening_is_in_the_window_and_nothing_before_it_is(
     assert opening - moment < timedelta(days=1)
     if opening > moment:  # the instant just before the opening is outside the window
         assert not in_window(window, SHANGHAI, opening - timedelta(microseconds=1))
+
+
+@pytest.mark.parametrize(
+    ("field", "names"),
+    [
+        ("*", "*"),
+        ("0", "sun"),
+        ("7", "sun"),
+        ("1,4", "mon,thu"),
+        ("5-7", "sun,fri,sat"),
+        ("*/3", "sun,wed,sat"),
+        ("2/2", "tue,thu,sat"),
+        ("mon-fri", "mon,tue,wed,thu,fri"),
+    ],
+)
+def test_crontab_weekday_translation(field: str, names: str) -> None:
+    from dispatcher.crontab import crontab_weekdays
+
+    assert crontab_weekdays(field) == names
+
+
+@pytest.mark.parametrize("field", ["8", "5-2", "*/0", "funday", "1-"])
+def test_bad_crontab_weekdays(field: str) -> None:
+    from dispatcher.crontab import crontab_weekdays
+
+    with pytest.raises(ValueError):
+        crontab_weekdays(field)
