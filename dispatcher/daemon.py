@@ -1,4 +1,4 @@
-"""`dispatcher run`: the scheduler, the send workers (and the HTTP endpoint) in one asyncio process."""
+"""`dispatcher run`: scheduler, send workers and HTTP endpoint in one asyncio process."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from dispatcher.store.database import Database
 
 log = logging.getLogger("dispatcher.daemon")
 
-ServerFactory = Callable[[Engine, Database, asyncio.Event], Awaitable[Callable[[], Awaitable[None]]]]
+ServerFactory = Callable[
+    [Engine, Database, asyncio.Event], Awaitable[Callable[[], Awaitable[None]]]
+]
 
 
 class Daemon:
@@ -48,9 +50,17 @@ class Daemon:
         stop_server = None
         if self._server_factory is not None:
             stop_server = await self._server_factory(self.engine, self.db, self.stop_requested)
-        await self._audit("daemon.start", {"config_sha256": self.config.digest, "worker": self.engine.worker_id,
-                                           "sources": [str(p) for p in self.config.sources]})
-        log.info("dispatcher running as %s (config %s…)", self.engine.worker_id, self.config.digest[:12])
+        await self._audit(
+            "daemon.start",
+            {
+                "config_sha256": self.config.digest,
+                "worker": self.engine.worker_id,
+                "sources": [str(p) for p in self.config.sources],
+            },
+        )
+        log.info(
+            "dispatcher running as %s (config %s…)", self.engine.worker_id, self.config.digest[:12]
+        )
         await self.engine.catch_up(self.clock.now())
         self._schedule()
         self.scheduler.start()
@@ -69,9 +79,13 @@ class Daemon:
     def _schedule(self) -> None:
         for campaign, stage in self.config.stages():
             self.scheduler.add_job(
-                self._fire, build_trigger(campaign, stage), args=[campaign, stage],
-                id=f"{campaign.id}/{stage.id}", name=f"{campaign.id}/{stage.id}",
-                misfire_grace_time=int(stage.grace.total_seconds()) or 1, coalesce=False,
+                self._fire,
+                build_trigger(campaign, stage),
+                args=[campaign, stage],
+                id=f"{campaign.id}/{stage.id}",
+                name=f"{campaign.id}/{stage.id}",
+                misfire_grace_time=int(stage.grace.total_seconds()) or 1,
+                coalesce=False,
                 max_instances=4,
             )
 
@@ -93,4 +107,6 @@ class Daemon:
 
     async def _audit(self, kind: str, data: dict[str, object]) -> None:
         async with self.db.engine.begin() as conn:
-            await audit.append(conn, [audit.AuditEvent(kind, "daemon", data=data)], datetime.now(UTC))
+            await audit.append(
+                conn, [audit.AuditEvent(kind, "daemon", data=data)], datetime.now(UTC)
+            )

@@ -1,4 +1,4 @@
-"""`rehearse`: the whole campaign's plan on a virtual clock, every channel a simulator, a throwaway database.
+"""`rehearse`: the campaign's plan on a virtual clock, channels simulated, a throwaway database.
 
 It drives the same Engine as the daemon; only the clock (scaled, jumping over idle time) and
 who decides when stages fire (the plan, in order) differ.
@@ -47,27 +47,48 @@ def simulators(config: Config, speed: float) -> dict[str, Channel]:
         if not (cls is SimulatorChannel and isinstance(settings, SimulatorSettings)):
             settings = SimulatorSettings(receipts=True, seed=0)
         if speed >= INSTANT_SPEED:
-            settings = settings.model_copy(update={"latency_ms": 0.0, "latency_jitter_ms": 0.0,
-                                                   "receipt_delay_ms": 0.0, "log": None})
+            settings = settings.model_copy(
+                update={
+                    "latency_ms": 0.0,
+                    "latency_jitter_ms": 0.0,
+                    "receipt_delay_ms": 0.0,
+                    "log": None,
+                }
+            )
         context = ChannelContext(base_dir=config.base_dir)
         out[name] = SimulatorChannel(name, settings, context)
     return out
 
 
-async def rehearse(config: Config, *, speed: float = INSTANT_SPEED, database: Path | None = None,
-                   since: datetime | None = None, until: datetime | None = None,
-                   on_firing: Callable[[Firing], None] | None = None) -> RehearsalResult:
+async def rehearse(
+    config: Config,
+    *,
+    speed: float = INSTANT_SPEED,
+    database: Path | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    on_firing: Callable[[Firing], None] | None = None,
+) -> RehearsalResult:
     """Run every planned firing on a virtual clock and return the final accounting."""
     plan = firings(config, since=since, until=until)
     if database is not None:
         return await _rehearse(config, plan, speed, database, on_firing, keep=True)
     # Without a path to keep it at, the database lives in a temporary folder removed at the end.
     with tempfile.TemporaryDirectory(prefix="dispatcher-rehearsal-") as scratch:
-        return await _rehearse(config, plan, speed, Path(scratch) / "rehearsal.db", on_firing, keep=False)
+        return await _rehearse(
+            config, plan, speed, Path(scratch) / "rehearsal.db", on_firing, keep=False
+        )
 
 
-async def _rehearse(config: Config, plan: list[Firing], speed: float, database: Path,
-                    on_firing: Callable[[Firing], None] | None, *, keep: bool) -> RehearsalResult:
+async def _rehearse(
+    config: Config,
+    plan: list[Firing],
+    speed: float,
+    database: Path,
+    on_firing: Callable[[Firing], None] | None,
+    *,
+    keep: bool,
+) -> RehearsalResult:
     db = Database.open(f"sqlite:///{database}")
     await db.upgrade()
     start = (plan[0].at if plan else datetime.now().astimezone()) - timedelta(minutes=1)
@@ -114,12 +135,12 @@ async def _advance_until(
                 return
             clock.jump_to(target)
             continue
-        if next_due is not None and next_due > now and not any(w.in_flight for w in engine.workers.values()):
-            if await _nothing_due_now(db, now):
-                clock.jump_to(min(next_due, target) if target else next_due)
-                for worker in engine.workers.values():
-                    worker.wake.set()
-                continue
+        idle = not any(w.in_flight for w in engine.workers.values())
+        if next_due is not None and next_due > now and idle and await _nothing_due_now(db, now):
+            clock.jump_to(min(next_due, target) if target else next_due)
+            for worker in engine.workers.values():
+                worker.wake.set()
+            continue
         await asyncio.sleep(0.01)
 
 
@@ -130,10 +151,19 @@ async def _nothing_due_now(db: Database, now: datetime) -> bool:
 
     d = Delivery.__table__  # type: ignore[attr-defined]
     async with db.engine.connect() as conn:
-        due = (await conn.execute(select(func.count()).select_from(d).where(
-            or_(d.c.status.in_([DeliveryStatus.CLAIMED, DeliveryStatus.SENDING]),
-                (d.c.status == DeliveryStatus.PENDING) & (or_(d.c.not_before.is_(None), d.c.not_before <= now)))
-        ))).scalar_one()
+        due = (
+            await conn.execute(
+                select(func.count())
+                .select_from(d)
+                .where(
+                    or_(
+                        d.c.status.in_([DeliveryStatus.CLAIMED, DeliveryStatus.SENDING]),
+                        (d.c.status == DeliveryStatus.PENDING)
+                        & (or_(d.c.not_before.is_(None), d.c.not_before <= now)),
+                    )
+                )
+            )
+        ).scalar_one()
     return int(due) == 0
 
 

@@ -113,7 +113,7 @@ async def _drop_receipt(receipt: Receipt) -> None:
 
 @dataclass(slots=True)
 class ChannelContext:
-    """What the daemon gives an adapter: where to report receipts, where files and callbacks live."""
+    """What the daemon gives an adapter: where receipts go, where files and callbacks live."""
 
     receipt_sink: ReceiptSink = _drop_receipt
     public_url: str | None = None

@@ -27,7 +27,9 @@ def load(type_name: str) -> type[Channel]:
         try:
             cls = ep.load()
         except Exception as exc:  # a broken third-party plugin must not crash `check`
-            raise ChannelError(f"channel type {type_name!r}: cannot load {ep.value}: {exc}") from exc
+            raise ChannelError(
+                f"channel type {type_name!r}: cannot load {ep.value}: {exc}"
+            ) from exc
         if not (isinstance(cls, type) and issubclass(cls, Channel)):
             raise ChannelError(f"channel type {type_name!r}: {ep.value} is not a Channel subclass")
         return cls

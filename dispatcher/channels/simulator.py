@@ -238,7 +238,7 @@ class SimulatorChannel(Channel):
         )
 
     async def reconcile(self, message: OutboundMessage, since: datetime) -> SendResult | None:
-        """Say whether this simulator sent `message`: accepted with its id, or None if it cannot tell.
+        """Say whether this simulator sent `message`: accepted with its id, or None if unsure.
 
         The record lives in this process only: a delivery it has no record of may have been sent
         by a simulator in a process that died, so "not found" is not proof and the engine must

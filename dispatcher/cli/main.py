@@ -34,8 +34,11 @@ class Group(click.Group):
         except Exception as exc:  # a bug: one line for the operator, the trace only on request
             if os.environ.get("DISPATCHER_DEBUG"):
                 traceback.print_exc()
-            click.echo(f"internal error: {type(exc).__name__}: {exc} "
-                       "(a bug in dispatcher; set DISPATCHER_DEBUG=1 for details)", err=True)
+            click.echo(
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(a bug in dispatcher; set DISPATCHER_DEBUG=1 for details)",
+                err=True,
+            )
             sys.exit(1)
 
 

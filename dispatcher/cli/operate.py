@@ -20,21 +20,41 @@ from dispatcher.engine.engine import Engine
 from dispatcher.errors import OperatorError
 from dispatcher.logs import configure as configure_logging
 from dispatcher.plan import Firing, latest_firing
-from dispatcher.rehearsal import INSTANT_SPEED, rehearse as run_rehearsal
+from dispatcher.rehearsal import INSTANT_SPEED
+from dispatcher.rehearsal import rehearse as run_rehearsal
 from dispatcher.reports.status import RunSummary, summaries
 from dispatcher.store import queue
 from dispatcher.store.database import Database
 
-STATUS_COLUMNS = ("sent", "delivered", "failed", "suppressed", "unknown", "pending", "claimed", "sending")
+STATUS_COLUMNS = (
+    "sent",
+    "delivered",
+    "failed",
+    "suppressed",
+    "unknown",
+    "pending",
+    "claimed",
+    "sending",
+)
 
 
 @click.command("run")
 @config_argument
-@click.option("--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True)
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
-@click.option("--listen", metavar="HOST:PORT", help="Override server.listen (one port per worker on a host).")
-@click.option("--no-server", is_flag=True, help="Run without the HTTP endpoint (no receipts or replies).")
-def run_command(config: str, log_format: str, log_level: str, listen: str | None, no_server: bool) -> None:
+@click.option(
+    "--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True
+)
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO"
+)
+@click.option(
+    "--listen", metavar="HOST:PORT", help="Override server.listen (one port per worker on a host)."
+)
+@click.option(
+    "--no-server", is_flag=True, help="Run without the HTTP endpoint (no receipts or replies)."
+)
+def run_command(
+    config: str, log_format: str, log_level: str, listen: str | None, no_server: bool
+) -> None:
     """Run the daemon in the foreground: fire stages on schedule and send (SIGTERM stops it)."""
     cfg = load(config)
     if listen is not None:
@@ -43,7 +63,9 @@ def run_command(config: str, log_format: str, log_level: str, listen: str | None
         try:
             parse_listen(listen)
         except ValueError as exc:
-            raise OperatorError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8081") from exc
+            raise OperatorError(
+                f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8081"
+            ) from exc
         cfg.root.server = cfg.root.server.model_copy(update={"listen": listen})
     configure_logging(log_format, log_level)
     from dispatcher.daemon import Daemon
@@ -62,7 +84,11 @@ async def _open_db(cfg: Config) -> Database:
 @click.command()
 @config_argument
 @click.option("--stage", "stage_ref", required=True, help="Stage id, or CAMPAIGN/STAGE.")
-@click.option("--wait", is_flag=True, help="Send now from this process and wait until every delivery is settled.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Send now from this process and wait until every delivery is settled.",
+)
 def send(config: str, stage_ref: str, wait: bool) -> None:
     """Fire a stage now (a manual run or a re-run); without --wait a running daemon sends it."""
     cfg = load(config)
@@ -89,8 +115,10 @@ async def _send(cfg: Config, campaign_id: str, stage_id: str, wait: bool) -> Non
         result = await engine.fire(campaign, stage, firing, trigger="manual", wait=True)
         assert result.run_id is not None and result.materialised is not None
         m = result.materialised
-        out.print(f"run {m.run_id}: {m.rows_read} rows, {m.deliveries} deliveries, {m.invalid} invalid, "
-                  f"{m.duplicates} duplicates")
+        out.print(
+            f"run {m.run_id}: {m.rows_read} rows, {m.deliveries} deliveries, {m.invalid} invalid, "
+            f"{m.duplicates} duplicates"
+        )
         if wait:
             await _progress(engine, m.run_id, m.deliveries)
     finally:
@@ -106,7 +134,9 @@ async def _progress(engine: Engine, run_id: int, total: int) -> None:
         return total - await engine.open_deliveries([run_id])
 
     if sys.stdout.isatty():
-        with Progress(TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        with Progress(
+            TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        ) as bar:
             task = bar.add_task("send", total=total)
             while (done := await settled()) < total:
                 bar.update(task, completed=done)
@@ -137,7 +167,9 @@ def status(config: str, as_json: bool, campaign: str | None, stage: str | None) 
         return
     _print_summaries(console(), result)
     if any(not s.adds_up for s in result):
-        raise OperatorError("some stage runs do not add up (see the 'ok' column): run `dispatcher audit verify`")
+        raise OperatorError(
+            "some stage runs do not add up (see the 'ok' column): run `dispatcher audit verify`"
+        )
 
 
 async def _status(cfg: Config, campaign: str | None, stage: str | None) -> list[RunSummary]:
@@ -157,15 +189,34 @@ def _print_summaries(out: object, items: list[RunSummary]) -> None:
         out.print("no stage runs yet")
         return
     table = Table(show_edge=False)
-    for column in ("run", "fired (UTC)", "stage", "state", "rows", "invalid", "dup", "total",
-                   *STATUS_COLUMNS, "ok", "rate/s", "eta"):
+    for column in (
+        "run",
+        "fired (UTC)",
+        "stage",
+        "state",
+        "rows",
+        "invalid",
+        "dup",
+        "total",
+        *STATUS_COLUMNS,
+        "ok",
+        "rate/s",
+        "eta",
+    ):
         table.add_column(column)
     for s in items:
         table.add_row(
-            str(s.run_id), s.fire_time.strftime("%Y-%m-%d %H:%M"), f"{s.campaign}/{s.stage}",
-            s.status if s.status != "ready" else s.trigger, str(s.rows_read), str(s.invalid),
-            str(s.duplicates), str(s.deliveries), *(str(s.by_status.get(c, 0)) for c in STATUS_COLUMNS),
-            "yes" if s.adds_up else "NO", f"{s.rate_per_s:.1f}",
+            str(s.run_id),
+            s.fire_time.strftime("%Y-%m-%d %H:%M"),
+            f"{s.campaign}/{s.stage}",
+            s.status if s.status != "ready" else s.trigger,
+            str(s.rows_read),
+            str(s.invalid),
+            str(s.duplicates),
+            str(s.deliveries),
+            *(str(s.by_status.get(c, 0)) for c in STATUS_COLUMNS),
+            "yes" if s.adds_up else "NO",
+            f"{s.rate_per_s:.1f}",
             f"{s.eta_s:.0f}s" if s.eta_s is not None else "-",
         )
     out.print(table)
@@ -177,19 +228,36 @@ def _print_summaries(out: object, items: list[RunSummary]) -> None:
             out.print(f"run {s.run_id} failed: {s.error}")
     total = sum(s.deliveries for s in items)
     counted = sum(s.counted for s in items)
-    out.print(f"{len(items)} stage runs, {total} deliveries, {counted} accounted for "
-              f"({'adds up' if total == counted else 'DOES NOT ADD UP'})")
+    out.print(
+        f"{len(items)} stage runs, {total} deliveries, {counted} accounted for "
+        f"({'adds up' if total == counted else 'DOES NOT ADD UP'})"
+    )
 
 
 @click.command()
 @config_argument
-@click.option("--speed", type=click.FloatRange(min=1.0), help="Virtual seconds per real second (idle time is skipped anyway).")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=1.0),
+    help="Virtual seconds per real second (idle time is skipped anyway).",
+)
 @click.option("--instant", is_flag=True, help="As fast as possible (the default).")
-@click.option("--keep", "keep", type=click.Path(dir_okay=False), help="Keep the rehearsal database at this path.")
+@click.option(
+    "--keep",
+    "keep",
+    type=click.Path(dir_okay=False),
+    help="Keep the rehearsal database at this path.",
+)
 @click.option("--from", "since", metavar="DATE")
 @click.option("--to", "until", metavar="DATE")
-def rehearse(config: str, speed: float | None, instant: bool, keep: str | None, since: str | None,
-             until: str | None) -> None:
+def rehearse(
+    config: str,
+    speed: float | None,
+    instant: bool,
+    keep: str | None,
+    since: str | None,
+    until: str | None,
+) -> None:
     """Run the whole plan on a virtual clock against simulators, on a throwaway database."""
     from pathlib import Path
     from zoneinfo import ZoneInfo
@@ -211,16 +279,26 @@ def rehearse(config: str, speed: float | None, instant: bool, keep: str | None, 
 
     database = Path(keep) if keep else None
     if database is not None and database.exists():
-        raise OperatorError(f"--keep {keep}: the file exists; rehearsals start from an empty database")
-    result = run(run_rehearsal(
-        cfg, speed=speed or INSTANT_SPEED, database=database,
-        since=parse_when(since, tz, option="--from"), until=parse_when(until, tz, end=True, option="--to"),
-        on_firing=announce))
+        raise OperatorError(
+            f"--keep {keep}: the file exists; rehearsals start from an empty database"
+        )
+    result = run(
+        run_rehearsal(
+            cfg,
+            speed=speed or INSTANT_SPEED,
+            database=database,
+            since=parse_when(since, tz, option="--from"),
+            until=parse_when(until, tz, end=True, option="--to"),
+            on_firing=announce,
+        )
+    )
     out.print()
     _print_summaries(out, result.summaries)
-    out.print(f"rehearsed {result.firings} firings from {result.started:%Y-%m-%d %H:%M} to "
-              f"{result.ended:%Y-%m-%d %H:%M} UTC in {time.monotonic() - started:.1f}s"
-              + (f"; database kept at {result.database}" if keep else ""))
+    out.print(
+        f"rehearsed {result.firings} firings from {result.started:%Y-%m-%d %H:%M} to "
+        f"{result.ended:%Y-%m-%d %H:%M} UTC in {time.monotonic() - started:.1f}s"
+        + (f"; database kept at {result.database}" if keep else "")
+    )
     if any(not s.adds_up for s in result.summaries):
         raise OperatorError("the rehearsal's accounting does not add up")
 
@@ -228,8 +306,12 @@ def rehearse(config: str, speed: float | None, instant: bool, keep: str | None, 
 @click.command()
 @config_argument
 @click.option("--stage", "stage_ref", required=True, help="Stage id, or CAMPAIGN/STAGE.")
-@click.option("--unknown", is_flag=True, required=True,
-              help="Resend deliveries whose fate is unknown (you accept that some may arrive twice).")
+@click.option(
+    "--unknown",
+    is_flag=True,
+    required=True,
+    help="Resend deliveries whose fate is unknown (you accept that some may arrive twice).",
+)
 def retry(config: str, stage_ref: str, unknown: bool) -> None:
     """Put a stage's `unknown` deliveries back in the queue, by an operator's decision."""
     cfg = load(config)
@@ -248,17 +330,33 @@ async def _retry(cfg: Config, campaign_id: str, stage_id: str) -> int:
             from dispatcher.store.tables import StageRun
 
             table = StageRun.__table__  # type: ignore[attr-defined]
-            run_ids = [r[0] for r in (await conn.execute(
-                select(table.c.id).where(table.c.campaign == campaign_id, table.c.stage == stage_id))).all()]
+            run_ids = [
+                r[0]
+                for r in (
+                    await conn.execute(
+                        select(table.c.id).where(
+                            table.c.campaign == campaign_id, table.c.stage == stage_id
+                        )
+                    )
+                ).all()
+            ]
             ids = await queue.requeue_unknown(conn, stage_run_ids=run_ids, now=now)
             if ids:
-                await audit.append(conn, [audit.AuditEvent(
-                    "retry.unknown", "operator", subject=f"{campaign_id}/{stage_id}",
-                    data={"deliveries": ids})], now)
+                await audit.append(
+                    conn,
+                    [
+                        audit.AuditEvent(
+                            "retry.unknown",
+                            "operator",
+                            subject=f"{campaign_id}/{stage_id}",
+                            data={"deliveries": ids},
+                        )
+                    ],
+                    now,
+                )
         return len(ids)
     finally:
         await db.close()
 
 
 COMMANDS = [run_command, send, status, rehearse, retry]
-

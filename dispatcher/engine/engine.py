@@ -7,6 +7,7 @@ clock they pass and in who decides when stages fire (APScheduler, the operator, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -77,8 +78,10 @@ class Engine:
         engine_cfg = config.root.engine
         self.lease = engine_cfg.lease
         self.policy = RetryPolicy(
-            max_attempts=engine_cfg.max_attempts, max_age=engine_cfg.max_age,
-            base=engine_cfg.backoff_base, cap=engine_cfg.backoff_max,
+            max_attempts=engine_cfg.max_attempts,
+            max_age=engine_cfg.max_age,
+            base=engine_cfg.backoff_base,
+            cap=engine_cfg.backoff_max,
         )
         self.writer = DeliveryWriter(db, clock, self.worker_id, self.lease)
         self.public_url = public_url if public_url is not None else config.root.server.public_url
@@ -113,16 +116,25 @@ class Engine:
                 limiter = RateLimiter(cfg.rate, cfg.bucket_size, self.clock)
                 limiter.set_share(len(live))
                 worker = ChannelWorker(
-                    name=name, channel=channel, db=self.db, writer=self.writer,
-                    limiter=limiter, clock=self.clock,
-                    owner=self.worker_id, policy=self.policy, concurrency=cfg.concurrency,
-                    batch_size=self.config.root.engine.batch_size, lease=self.lease,
+                    name=name,
+                    channel=channel,
+                    db=self.db,
+                    writer=self.writer,
+                    limiter=limiter,
+                    clock=self.clock,
+                    owner=self.worker_id,
+                    policy=self.policy,
+                    concurrency=cfg.concurrency,
+                    batch_size=self.config.root.engine.batch_size,
+                    lease=self.lease,
                     run_info=self._lookup_run_info,
                     poll_interval=self.config.root.engine.poll_interval.total_seconds(),
                     start_delay=start_delay,
                 )
                 self.workers[name] = worker
-                self._tasks.append(asyncio.create_task(worker.run(self._stop), name=f"worker-{name}"))
+                self._tasks.append(
+                    asyncio.create_task(worker.run(self._stop), name=f"worker-{name}")
+                )
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
 
     async def _open_channels(self) -> None:
@@ -132,9 +144,12 @@ class Engine:
         for name, cls in self.config.channel_types.items():
             if name in self.channels:
                 continue
-            context = ChannelContext(receipt_sink=self._receipt, public_url=self.public_url,
-                                     base_dir=self.config.base_dir,
-                                     logger=logging.getLogger(f"dispatcher.channels.{name}"))
+            context = ChannelContext(
+                receipt_sink=self._receipt,
+                public_url=self.public_url,
+                base_dir=self.config.base_dir,
+                logger=logging.getLogger(f"dispatcher.channels.{name}"),
+            )
             self.channels[name] = cls(name, self.config.channel_settings[name], context)
         for name, channel in self.channels.items():
             try:
@@ -144,10 +159,14 @@ class Engine:
             except Exception as exc:
                 raise ChannelError(f"channel {name!r} could not start: {exc}") from exc
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a grace period
         """Stop claiming, let in-flight sends finish (up to `timeout`), close everything."""
         self._stop.set()
-        timeout = timeout if timeout is not None else self.config.root.engine.shutdown_timeout.total_seconds()
+        timeout = (
+            timeout
+            if timeout is not None
+            else self.config.root.engine.shutdown_timeout.total_seconds()
+        )
         # Only sends are ever cut off. A task cancelled in the middle of a database statement
         # can leave the connection holding SQLite's write lock, and the rest of the shutdown
         # then fails with "database is locked": so the loops around the sends, and the
@@ -173,17 +192,35 @@ class Engine:
             # claimed rows go back to the queue, rows in flight become unknown, and runs being
             # materialised are left for the next worker to resume from their checkpoint.
             released, unknown = await queue.recover_expired(
-                conn, now=now, dead_owners=[self.worker_id])
+                conn, now=now, dead_owners=[self.worker_id]
+            )
             handed_over = await runs.release(conn, owner=self.worker_id, now=now)
             if released or unknown or handed_over:
-                await audit.append(conn, [audit.AuditEvent(
-                    "recovery", self.actor, data={"stopping": self.worker_id, "released": released,
-                                                  "unknown": unknown, "runs": handed_over})], now)
+                await audit.append(
+                    conn,
+                    [
+                        audit.AuditEvent(
+                            "recovery",
+                            self.actor,
+                            data={
+                                "stopping": self.worker_id,
+                                "released": released,
+                                "unknown": unknown,
+                                "runs": handed_over,
+                            },
+                        )
+                    ],
+                    now,
+                )
             await workers.stopped(conn, self.worker_id, now=now)
         if released or unknown or handed_over:
-            log.warning("stopped before finishing: %d deliveries back to pending, %d in flight now "
-                        "unknown, %d materialisations to resume", released, len(unknown),
-                        len(handed_over))
+            log.warning(
+                "stopped before finishing: %d deliveries back to pending, %d in flight now "
+                "unknown, %d materialisations to resume",
+                released,
+                len(unknown),
+                len(handed_over),
+            )
 
     @staticmethod
     async def _wait_or_cancel(tasks: list[asyncio.Task[None]], grace_s: float = 30.0) -> None:
@@ -197,20 +234,44 @@ class Engine:
 
     # -- firing ------------------------------------------------------------------------------
 
-    async def fire(self, campaign: CampaignConfig, stage: StageConfig, firing: Firing, *,
-                   trigger: str = "scheduled", wait: bool = True) -> FireResult:
+    async def fire(
+        self,
+        campaign: CampaignConfig,
+        stage: StageConfig,
+        firing: Firing,
+        *,
+        trigger: str = "scheduled",
+        wait: bool = True,
+    ) -> FireResult:
         """Create the stage run for `firing` (once, whoever asks) and materialise it."""
         now = self.clock.now()
         async with self.db.engine.begin() as conn:
             run_id = await runs.create_run(
-                conn, campaign=campaign.id, stage=stage.id, fire_time=firing.at,
-                firing_index=firing.index, channel=stage.channel, trigger=trigger,
-                status=StageRunStatus.MATERIALISING, owner=self.worker_id,
-                lease_until=now + self.lease, now=now)
+                conn,
+                campaign=campaign.id,
+                stage=stage.id,
+                fire_time=firing.at,
+                firing_index=firing.index,
+                channel=stage.channel,
+                trigger=trigger,
+                status=StageRunStatus.MATERIALISING,
+                owner=self.worker_id,
+                lease_until=now + self.lease,
+                now=now,
+            )
             if run_id is not None:
-                await audit.append(conn, [audit.AuditEvent(
-                    "firing", self.actor, subject=f"{campaign.id}/{stage.id}@{firing.at.isoformat()}",
-                    data={"run": run_id, "trigger": trigger, "worker": self.worker_id})], now)
+                await audit.append(
+                    conn,
+                    [
+                        audit.AuditEvent(
+                            "firing",
+                            self.actor,
+                            subject=f"{campaign.id}/{stage.id}@{firing.at.isoformat()}",
+                            data={"run": run_id, "trigger": trigger, "worker": self.worker_id},
+                        )
+                    ],
+                    now,
+                )
         if run_id is None:
             log.info("%s/%s at %s was already fired", campaign.id, stage.id, firing.at.isoformat())
             async with self.db.engine.connect() as conn:
@@ -218,9 +279,17 @@ class Engine:
             return FireResult(existing["id"] if existing else None, created=False)
         log.info("firing %s/%s (%s, run %s)", campaign.id, stage.id, trigger, run_id)
         job = stage_firing(self.config, campaign, stage, firing)
-        coro = materialise(self.db, run_id, job, owner=self.worker_id, clock=self.clock,
-                           lease=self.lease, batch_size=1000, on_batch=self._wake_workers,
-                           stopping=self._stop.is_set)
+        coro = materialise(
+            self.db,
+            run_id,
+            job,
+            owner=self.worker_id,
+            clock=self.clock,
+            lease=self.lease,
+            batch_size=1000,
+            on_batch=self._wake_workers,
+            stopping=self._stop.is_set,
+        )
         if wait:
             result = await coro
             self._wake_workers()
@@ -240,25 +309,50 @@ class Engine:
         finally:
             self._wake_workers()
 
-    async def record_missed(self, campaign: CampaignConfig, stage: StageConfig, firing: Firing) -> bool:
+    async def record_missed(
+        self, campaign: CampaignConfig, stage: StageConfig, firing: Firing
+    ) -> bool:
         """Record a firing that was not run in time (outside its grace); True if newly recorded."""
         now = self.clock.now()
         async with self.db.engine.begin() as conn:
             run_id = await runs.create_run(
-                conn, campaign=campaign.id, stage=stage.id, fire_time=firing.at,
-                firing_index=firing.index, channel=stage.channel, trigger="missed",
-                status=StageRunStatus.MISSED, owner=None, lease_until=None, now=now)
+                conn,
+                campaign=campaign.id,
+                stage=stage.id,
+                fire_time=firing.at,
+                firing_index=firing.index,
+                channel=stage.channel,
+                trigger="missed",
+                status=StageRunStatus.MISSED,
+                owner=None,
+                lease_until=None,
+                now=now,
+            )
             if run_id is not None:
-                await audit.append(conn, [audit.AuditEvent(
-                    "firing.missed", self.actor, subject=f"{campaign.id}/{stage.id}@{firing.at.isoformat()}",
-                    data={"run": run_id, "grace_s": stage.grace.total_seconds()})], now)
+                await audit.append(
+                    conn,
+                    [
+                        audit.AuditEvent(
+                            "firing.missed",
+                            self.actor,
+                            subject=f"{campaign.id}/{stage.id}@{firing.at.isoformat()}",
+                            data={"run": run_id, "grace_s": stage.grace.total_seconds()},
+                        )
+                    ],
+                    now,
+                )
         if run_id is not None:
-            log.warning("%s/%s at %s was missed (more than %s late): recorded as missed",
-                        campaign.id, stage.id, firing.at.isoformat(), stage.grace)
+            log.warning(
+                "%s/%s at %s was missed (more than %s late): recorded as missed",
+                campaign.id,
+                stage.id,
+                firing.at.isoformat(),
+                stage.grace,
+            )
         return run_id is not None
 
     async def catch_up(self, now: datetime) -> list[FireResult]:
-        """Handle firings due before `now` that have no stage run: fire within grace, else missed."""
+        """Handle firings due before `now` without a stage run: fire within grace, else missed."""
         results = []
         for campaign, stage in self.config.stages():
             async with self.db.engine.connect() as conn:
@@ -269,7 +363,9 @@ class Engine:
                 if firing.at in done:
                     continue
                 if now - firing.at <= stage.grace:
-                    results.append(await self.fire(campaign, stage, firing, trigger="catch-up", wait=False))
+                    results.append(
+                        await self.fire(campaign, stage, firing, trigger="catch-up", wait=False)
+                    )
                 else:
                     await self.record_missed(campaign, stage, firing)
         return results
@@ -299,13 +395,11 @@ class Engine:
                 await self.housekeep()
             except Exception as exc:  # the database may be briefly unavailable: try again later
                 log.warning("housekeeping failed: %s", exc)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.clock.real_seconds(interval))
-            except TimeoutError:
-                pass
 
     async def housekeep(self) -> None:
-        """Heartbeat, renew leases, settle dead workers' leases, resume orphaned materialisations."""
+        """Heartbeat, renew leases, settle dead workers' leases, resume orphaned runs."""
         now = self.clock.now()
         lease_until = now + self.lease
         async with self.db.engine.begin() as conn:
@@ -314,20 +408,32 @@ class Engine:
             await runs.renew(conn, owner=self.worker_id, lease_until=lease_until)
             dead = await workers.dead_workers(conn, now=now, lease=self.lease, me=self.worker_id)
             released, unknown = await queue.recover_expired(conn, now=now, dead_owners=dead)
-            taken = await runs.take_over_stale(conn, owner=self.worker_id, now=now,
-                                               lease_until=lease_until, dead_owners=dead)
+            taken = await runs.take_over_stale(
+                conn, owner=self.worker_id, now=now, lease_until=lease_until, dead_owners=dead
+            )
             if dead:
                 await workers.mark_dead(conn, dead, now=now)
             if released or unknown:
-                await audit.append(conn, [audit.AuditEvent(
-                    "recovery", self.actor, data={"dead_workers": dead, "released": released,
-                                                  "unknown": unknown})], now)
+                await audit.append(
+                    conn,
+                    [
+                        audit.AuditEvent(
+                            "recovery",
+                            self.actor,
+                            data={"dead_workers": dead, "released": released, "unknown": unknown},
+                        )
+                    ],
+                    now,
+                )
             live = await workers.live_workers(conn, now=now, lease=self.lease, me=self.worker_id)
         for worker in self.workers.values():
             worker.limiter.set_share(len(live))
         if released or unknown:
-            log.warning("recovered leases of stopped workers: %d back to pending, %d in flight now unknown",
-                        released, len(unknown))
+            log.warning(
+                "recovered leases of stopped workers: %d back to pending, %d in flight now unknown",
+                released,
+                len(unknown),
+            )
             self._wake_workers()
         for run_id in taken:
             await self._resume(run_id)
@@ -341,37 +447,69 @@ class Engine:
         campaign = self.config.campaign(run["campaign"])
         stage = campaign.stage(run["stage"]) if campaign else None
         if campaign is None or stage is None:
-            log.error("stage run %s: %s/%s is no longer in the configuration", run_id, run["campaign"], run["stage"])
+            log.error(
+                "stage run %s: %s/%s is no longer in the configuration",
+                run_id,
+                run["campaign"],
+                run["stage"],
+            )
             return
         log.info("resuming materialisation of run %s from line %s", run_id, run["checkpoint_line"])
         firing = Firing(campaign.id, stage.id, run["fire_time"], run["firing_index"])
         job = stage_firing(self.config, campaign, stage, firing)
-        coro = materialise(self.db, run_id, job, owner=self.worker_id, clock=self.clock,
-                           lease=self.lease, on_batch=self._wake_workers,
-                           stopping=self._stop.is_set)
+        coro = materialise(
+            self.db,
+            run_id,
+            job,
+            owner=self.worker_id,
+            clock=self.clock,
+            lease=self.lease,
+            on_batch=self._wake_workers,
+            stopping=self._stop.is_set,
+        )
         task = asyncio.create_task(self._background(coro), name=f"materialise-{run_id}")
         self._materialising.add(task)
         task.add_done_callback(self._materialising.discard)
 
     async def reconcile_unknown(self, limit: int = 100) -> int:
-        """Ask channels that can look messages up about `unknown` deliveries; settle what they know."""
+        """Ask channels that can look messages up about `unknown` deliveries; settle those."""
         settled = 0
         for name, channel in self.channels.items():
             if not channel.can_reconcile:
                 continue
             async with self.db.engine.connect() as conn:
-                rows = (await conn.execute(
-                    select(D.c.id, D.c.address, D.c.body, D.c.subject, D.c.claimed_at, D.c.stage_run_id,
-                           D.c.created_at)
-                    .where(D.c.channel == name, D.c.status == DeliveryStatus.UNKNOWN,
-                           D.c.error_code.in_(["in-flight", "timeout", "adapter-error"])
-                           | D.c.error_code.is_(None) | (D.c.error_code != "unreconciled"))
-                    .order_by(D.c.id).limit(limit))).all()
+                rows = (
+                    await conn.execute(
+                        select(
+                            D.c.id,
+                            D.c.address,
+                            D.c.body,
+                            D.c.subject,
+                            D.c.claimed_at,
+                            D.c.stage_run_id,
+                            D.c.created_at,
+                        )
+                        .where(
+                            D.c.channel == name,
+                            D.c.status == DeliveryStatus.UNKNOWN,
+                            D.c.error_code.in_(["in-flight", "timeout", "adapter-error"])
+                            | D.c.error_code.is_(None)
+                            | (D.c.error_code != "unreconciled"),
+                        )
+                        .order_by(D.c.id)
+                        .limit(limit)
+                    )
+                ).all()
             for row in rows:
                 info = await self._lookup_run_info(row.stage_run_id)
-                message = OutboundMessage(delivery_id=row.id, address=row.address, body=row.body,
-                                          campaign=info.campaign if info else "", stage=info.stage if info else "",
-                                          subject=row.subject)
+                message = OutboundMessage(
+                    delivery_id=row.id,
+                    address=row.address,
+                    body=row.body,
+                    campaign=info.campaign if info else "",
+                    stage=info.stage if info else "",
+                    subject=row.subject,
+                )
                 try:
                     found = await channel.reconcile(message, row.claimed_at or row.created_at)
                 except Exception as exc:
@@ -379,18 +517,33 @@ class Engine:
                     found = None
                 now = self.clock.now()
                 if found is None:
-                    outcome = queue.Outcome(row.id, DeliveryStatus.UNKNOWN, from_status=DeliveryStatus.UNKNOWN,
-                                            error_code="unreconciled",
-                                            error_reason="the provider could not say whether it was sent",
-                                            final_at=now)
+                    outcome = queue.Outcome(
+                        row.id,
+                        DeliveryStatus.UNKNOWN,
+                        from_status=DeliveryStatus.UNKNOWN,
+                        error_code="unreconciled",
+                        error_reason="the provider could not say whether it was sent",
+                        final_at=now,
+                    )
                 elif found.outcome is Outcome.ACCEPTED:
-                    outcome = queue.Outcome(row.id, DeliveryStatus.SENT, from_status=DeliveryStatus.UNKNOWN,
-                                            provider_id=found.provider_id, sent_at=now, final_at=now,
-                                            reason="reconciled")
+                    outcome = queue.Outcome(
+                        row.id,
+                        DeliveryStatus.SENT,
+                        from_status=DeliveryStatus.UNKNOWN,
+                        provider_id=found.provider_id,
+                        sent_at=now,
+                        final_at=now,
+                        reason="reconciled",
+                    )
                 else:  # the provider certainly does not have it: safe to send
-                    outcome = queue.Outcome(row.id, DeliveryStatus.PENDING, from_status=DeliveryStatus.UNKNOWN,
-                                            error_code=found.error_code, error_reason="reconciled: not at provider",
-                                            not_before=now)
+                    outcome = queue.Outcome(
+                        row.id,
+                        DeliveryStatus.PENDING,
+                        from_status=DeliveryStatus.UNKNOWN,
+                        error_code=found.error_code,
+                        error_reason="reconciled: not at provider",
+                        not_before=now,
+                    )
                 await self.writer.record(outcome)
                 settled += outcome.status != DeliveryStatus.UNKNOWN
         if settled:
@@ -415,8 +568,12 @@ class Engine:
             self._run_info[run_id] = None
             return
         self._run_info[run_id] = RunInfo(
-            campaign=campaign.id, stage=stage.id, window=campaign.campaign.send_window, tz=campaign.tz,
-            max_attempts=stage.max_attempts or self.policy.max_attempts)
+            campaign=campaign.id,
+            stage=stage.id,
+            window=campaign.campaign.send_window,
+            tz=campaign.tz,
+            max_attempts=stage.max_attempts or self.policy.max_attempts,
+        )
 
     async def open_deliveries(self, run_ids: list[int] | None = None) -> int:
         async with self.db.engine.connect() as conn:

@@ -26,7 +26,7 @@ from dispatcher.store.database import Database
 from dispatcher.store.tables import DeliveryStatus, OptOut, StageRunStatus
 
 log = logging.getLogger("dispatcher.engine")
-O = OptOut.__table__  # type: ignore[attr-defined]
+OPT_OUTS = OptOut.__table__  # type: ignore[attr-defined]
 
 
 class Interrupted(Exception):
@@ -79,8 +79,15 @@ async def materialise(
         await _suppress_opted_out(db, deliveries, now)
         async with db.engine.begin() as conn:
             await runs.insert_batch(
-                conn, run_id=run_id, deliveries=deliveries, rejections=rejections, rows_read=rows_read,
-                invalid=invalid, checkpoint_line=last_line, owner=owner, lease_until=now + lease,
+                conn,
+                run_id=run_id,
+                deliveries=deliveries,
+                rejections=rejections,
+                rows_read=rows_read,
+                invalid=invalid,
+                checkpoint_line=last_line,
+                owner=owner,
+                lease_until=now + lease,
             )
         deliveries, rejections, rows_read, invalid = [], [], 0, 0
         if on_batch is not None:
@@ -98,8 +105,15 @@ async def materialise(
                 if row.duplicate_of is not None:
                     continue  # read_audience does not dedupe; kept for clarity
                 invalid += 1
-                rejections.append({"stage_run_id": run_id, "file": row.file, "line": row.line,
-                                   "reason": row.reason, "masked": row.masked})
+                rejections.append(
+                    {
+                        "stage_run_id": run_id,
+                        "file": row.file,
+                        "line": row.line,
+                        "reason": row.reason,
+                        "masked": row.masked,
+                    }
+                )
             else:
                 deliveries.append(_delivery_row(job, run_id, row, now, valid_until, max_segments))
             if len(deliveries) + len(rejections) >= batch_size:
@@ -114,60 +128,126 @@ async def materialise(
         raise
     except DispatcherError as exc:
         async with db.engine.begin() as conn:
-            await runs.finish_run(conn, run_id, owner=owner, now=clock.now(), status=StageRunStatus.FAILED,
-                                  error=str(exc))
-            await audit.append(conn, [audit.AuditEvent("firing.failed", owner, subject=_subject(job),
-                                                       data={"run": run_id, "error": str(exc)})], clock.now())
+            await runs.finish_run(
+                conn,
+                run_id,
+                owner=owner,
+                now=clock.now(),
+                status=StageRunStatus.FAILED,
+                error=str(exc),
+            )
+            await audit.append(
+                conn,
+                [
+                    audit.AuditEvent(
+                        "firing.failed",
+                        owner,
+                        subject=_subject(job),
+                        data={"run": run_id, "error": str(exc)},
+                    )
+                ],
+                clock.now(),
+            )
         raise
     async with db.engine.begin() as conn:
         await runs.finish_run(conn, run_id, owner=owner, now=clock.now())
         final = await runs.get_run(conn, run_id)
         assert final is not None
-        await audit.append(conn, [audit.AuditEvent(
-            "firing.materialised", owner, subject=_subject(job),
-            data={"run": run_id, "rows": final["rows_read"], "deliveries": final["deliveries"],
-                  "invalid": final["invalid"], "duplicates": final["duplicates"]})], clock.now())
-    return MaterialiseResult(run_id, final["rows_read"], final["deliveries"], final["invalid"],
-                             final["duplicates"])
+        await audit.append(
+            conn,
+            [
+                audit.AuditEvent(
+                    "firing.materialised",
+                    owner,
+                    subject=_subject(job),
+                    data={
+                        "run": run_id,
+                        "rows": final["rows_read"],
+                        "deliveries": final["deliveries"],
+                        "invalid": final["invalid"],
+                        "duplicates": final["duplicates"],
+                    },
+                )
+            ],
+            clock.now(),
+        )
+    return MaterialiseResult(
+        run_id, final["rows_read"], final["deliveries"], final["invalid"], final["duplicates"]
+    )
 
 
 def _subject(job: StageFiring) -> str:
     return f"{job.campaign.id}/{job.stage.id}@{job.firing.at.isoformat()}"
 
 
-def _delivery_row(job: StageFiring, run_id: int, recipient: Recipient, now: datetime,
-                  valid_until: datetime, max_segments: int) -> dict[str, Any]:
+def _delivery_row(
+    job: StageFiring,
+    run_id: int,
+    recipient: Recipient,
+    now: datetime,
+    valid_until: datetime,
+    max_segments: int,
+) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "stage_run_id": run_id, "channel": job.stage.channel, "address": recipient.address,
-        "line": recipient.line, "status": DeliveryStatus.PENDING, "attempts": 0,
-        "not_before": job.firing.at, "valid_until": valid_until, "created_at": now,
-        "subject": None, "html": None, "encoding": "text", "segments": 1, "reason": None,
-        "error_code": None, "error_reason": None, "final_at": None,
+        "stage_run_id": run_id,
+        "channel": job.stage.channel,
+        "address": recipient.address,
+        "line": recipient.line,
+        "status": DeliveryStatus.PENDING,
+        "attempts": 0,
+        "not_before": job.firing.at,
+        "valid_until": valid_until,
+        "created_at": now,
+        "subject": None,
+        "html": None,
+        "encoding": "text",
+        "segments": 1,
+        "reason": None,
+        "error_code": None,
+        "error_reason": None,
+        "final_at": None,
     }
     try:
         message = job.render(recipient)
     except DispatcherError as exc:
-        row.update(status=DeliveryStatus.SUPPRESSED, reason="template_error", body="",
-                   error_code="template", error_reason=str(exc), final_at=now)
+        row.update(
+            status=DeliveryStatus.SUPPRESSED,
+            reason="template_error",
+            body="",
+            error_code="template",
+            error_reason=str(exc),
+            final_at=now,
+        )
         return row
-    row.update(body=message.body, subject=message.subject, html=message.html,
-               encoding=message.encoding, segments=message.segments)
+    row.update(
+        body=message.body,
+        subject=message.subject,
+        html=message.html,
+        encoding=message.encoding,
+        segments=message.segments,
+    )
     if job.kind == "phone" and message.segments > max_segments:
-        row.update(status=DeliveryStatus.SUPPRESSED, reason="too_long", error_code="too-long",
-                   error_reason=f"{message.segments} segments, the stage allows {max_segments}",
-                   final_at=now)
+        row.update(
+            status=DeliveryStatus.SUPPRESSED,
+            reason="too_long",
+            error_code="too-long",
+            error_reason=f"{message.segments} segments, the stage allows {max_segments}",
+            final_at=now,
+        )
     return row
 
 
-async def _suppress_opted_out(db: Database, deliveries: list[dict[str, Any]], now: datetime) -> None:
+async def _suppress_opted_out(
+    db: Database, deliveries: list[dict[str, Any]], now: datetime
+) -> None:
     addresses = [d["address"] for d in deliveries if d["status"] == DeliveryStatus.PENDING]
     if not addresses:
         return
     async with db.engine.connect() as conn:
-        result = await conn.execute(select(O.c.address).where(O.c.address.in_(addresses)))
+        result = await conn.execute(
+            select(OPT_OUTS.c.address).where(OPT_OUTS.c.address.in_(addresses))
+        )
         opted = {r[0] for r in result.all()}
     for row in deliveries:
         if row["address"] in opted and row["status"] == DeliveryStatus.PENDING:
             row.update(status=DeliveryStatus.SUPPRESSED, reason="opted_out", final_at=now)
-
-

@@ -29,7 +29,7 @@ EPSILON_S = 1e-9
 
 
 class RateLimiter:
-    """At most `rate` grants per second on average, `burst` at once, never more than the cap per window."""
+    """At most `rate` grants per second, `burst` at once, never more than the cap in any window."""
 
     def __init__(self, rate: float, burst: int, clock: Clock, window_s: float = 1.0) -> None:
         if rate <= 0 or burst < 1:

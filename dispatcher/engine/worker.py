@@ -48,7 +48,19 @@ class RunInfo:
 
 #: Upper bounds (seconds) of the provider-call latency histogram exposed on /metrics.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 @dataclass
@@ -173,8 +185,11 @@ class ChannelWorker:
 
     async def _idle(self, stop: asyncio.Event) -> None:
         self.wake.clear()
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wake.wait()),
-                   asyncio.create_task(asyncio.sleep(self.clock.real_seconds(self.poll_interval)))]
+        waiters = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(self.wake.wait()),
+            asyncio.create_task(asyncio.sleep(self.clock.real_seconds(self.poll_interval))),
+        ]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -188,8 +203,14 @@ class ChannelWorker:
         limit = max(1, min(self.batch_size, int(self.limiter.rate * 2) + 1, room))
         now = self.clock.now()
         async with self.db.engine.begin() as conn:
-            rows = await queue.claim(conn, channel=self.name, owner=self.owner, now=now,
-                                     lease_until=now + self.lease, limit=limit)
+            rows = await queue.claim(
+                conn,
+                channel=self.name,
+                owner=self.owner,
+                now=now,
+                lease_until=now + self.lease,
+                limit=limit,
+            )
         self.stats.claimed += len(rows)
         return rows
 
@@ -201,10 +222,17 @@ class ChannelWorker:
             return
         if delivery.valid_until is not None and now >= delivery.valid_until:
             self.stats.suppressed += 1
-            await self.writer.record(queue.Outcome(
-                delivery.id, S.SUPPRESSED, from_status=S.CLAIMED, reason="expired",
-                error_code="expired", error_reason=f"not sent before {delivery.valid_until.isoformat()}",
-                final_at=now))
+            await self.writer.record(
+                queue.Outcome(
+                    delivery.id,
+                    S.SUPPRESSED,
+                    from_status=S.CLAIMED,
+                    reason="expired",
+                    error_code="expired",
+                    error_reason=f"not sent before {delivery.valid_until.isoformat()}",
+                    final_at=now,
+                )
+            )
             return
         if not in_window(info.window, info.tz, now):
             self.stats.deferred += 1
@@ -221,7 +249,9 @@ class ChannelWorker:
         finally:
             self._pacing.discard(current)
         now = self.clock.now()
-        if not in_window(info.window, info.tz, now):  # the wait for a token crossed the closing time
+        if not in_window(
+            info.window, info.tz, now
+        ):  # the wait for a token crossed the closing time
             self.stats.deferred += 1
             await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
             return
@@ -231,9 +261,16 @@ class ChannelWorker:
                 self.stats.suppressed += 1
             return
         message = OutboundMessage(
-            delivery_id=delivery.id, address=delivery.address, body=delivery.body,
-            campaign=info.campaign, stage=info.stage, subject=delivery.subject, html=delivery.html,
-            encoding=delivery.encoding, segments=delivery.segments, valid_until=delivery.valid_until,
+            delivery_id=delivery.id,
+            address=delivery.address,
+            body=delivery.body,
+            campaign=info.campaign,
+            stage=info.stage,
+            subject=delivery.subject,
+            html=delivery.html,
+            encoding=delivery.encoding,
+            segments=delivery.segments,
+            valid_until=delivery.valid_until,
         )
         await self.limiter.admit()
         started = self.clock.now()
@@ -246,51 +283,110 @@ class ChannelWorker:
         except TimeoutError:
             result = SendResult.ambiguous("timeout", f"no answer within {self.send_timeout:.0f}s")
         except Exception as exc:  # an adapter bug must not lose the delivery: it may have gone out
-            log.error("channel %s: adapter raised %r for %s", self.name, exc, mask_address(delivery.address))
+            log.error(
+                "channel %s: adapter raised %r for %s",
+                self.name,
+                exc,
+                mask_address(delivery.address),
+            )
             result = SendResult.ambiguous("adapter-error", f"{type(exc).__name__}: {exc}")
         latency_ms = (time.perf_counter() - t0) * 1000
         self.stats.observe(result, latency_ms / 1000)
         await self._record(delivery, info, result, started, latency_ms)
 
-    async def _record(self, delivery: queue.ClaimedDelivery, info: RunInfo, result: SendResult,
-                      started: datetime, latency_ms: float) -> None:
+    async def _record(
+        self,
+        delivery: queue.ClaimedDelivery,
+        info: RunInfo,
+        result: SendResult,
+        started: datetime,
+        latency_ms: float,
+    ) -> None:
         now = self.clock.now()
         attempt_no = delivery.attempts + 1
         attempt = queue.AttemptRecord(
-            delivery_id=delivery.id, number=attempt_no, worker=self.owner, started_at=started,
-            latency_ms=latency_ms, outcome=result.outcome.value, provider_id=result.provider_id,
-            error_code=result.error_code, reason=result.reason)
+            delivery_id=delivery.id,
+            number=attempt_no,
+            worker=self.owner,
+            started_at=started,
+            latency_ms=latency_ms,
+            outcome=result.outcome.value,
+            provider_id=result.provider_id,
+            error_code=result.error_code,
+            reason=result.reason,
+        )
         opt_out = None
         if result.outcome is Outcome.ACCEPTED:
             self.stats.sent += 1
-            outcome = queue.Outcome(delivery.id, S.SENT, provider_id=result.provider_id, sent_at=now,
-                                    final_at=None if result.expects_receipt else now)
+            outcome = queue.Outcome(
+                delivery.id,
+                S.SENT,
+                provider_id=result.provider_id,
+                sent_at=now,
+                final_at=None if result.expects_receipt else now,
+            )
         elif result.outcome is Outcome.RETRY:
-            policy = RetryPolicy(info.max_attempts, self.policy.max_age, self.policy.base, self.policy.cap)
-            when = policy.next_try(attempts=attempt_no, created_at=delivery.created_at, now=now,
-                                   retry_after=result.retry_after, rng=self._rng)
-            if delivery.valid_until is not None and when is not None and when >= delivery.valid_until:
+            policy = RetryPolicy(
+                info.max_attempts, self.policy.max_age, self.policy.base, self.policy.cap
+            )
+            when = policy.next_try(
+                attempts=attempt_no,
+                created_at=delivery.created_at,
+                now=now,
+                retry_after=result.retry_after,
+                rng=self._rng,
+            )
+            if (
+                delivery.valid_until is not None
+                and when is not None
+                and when >= delivery.valid_until
+            ):
                 when = None
             if when is None:
                 self.stats.failed += 1
-                outcome = queue.Outcome(delivery.id, S.FAILED, error_code=result.error_code,
-                                        error_reason=f"gave up after {attempt_no} attempts: {result.reason}",
-                                        final_at=now)
+                outcome = queue.Outcome(
+                    delivery.id,
+                    S.FAILED,
+                    error_code=result.error_code,
+                    error_reason=f"gave up after {attempt_no} attempts: {result.reason}",
+                    final_at=now,
+                )
             else:
                 self.stats.retried += 1
-                outcome = queue.Outcome(delivery.id, S.PENDING, error_code=result.error_code,
-                                        error_reason=result.reason, not_before=when)
+                outcome = queue.Outcome(
+                    delivery.id,
+                    S.PENDING,
+                    error_code=result.error_code,
+                    error_reason=result.reason,
+                    not_before=when,
+                )
         elif result.outcome is Outcome.FAILED:
             self.stats.failed += 1
-            outcome = queue.Outcome(delivery.id, S.FAILED, error_code=result.error_code,
-                                    error_reason=result.reason, final_at=now)
+            outcome = queue.Outcome(
+                delivery.id,
+                S.FAILED,
+                error_code=result.error_code,
+                error_reason=result.reason,
+                final_at=now,
+            )
         elif result.outcome is Outcome.OPTED_OUT:
             self.stats.suppressed += 1
-            outcome = queue.Outcome(delivery.id, S.SUPPRESSED, reason="opted_out",
-                                    error_code=result.error_code, error_reason=result.reason, final_at=now)
+            outcome = queue.Outcome(
+                delivery.id,
+                S.SUPPRESSED,
+                reason="opted_out",
+                error_code=result.error_code,
+                error_reason=result.reason,
+                final_at=now,
+            )
             opt_out = (delivery.address, f"provider:{self.name}")
         else:
             self.stats.unknown += 1
-            outcome = queue.Outcome(delivery.id, S.UNKNOWN, error_code=result.error_code,
-                                    error_reason=result.reason, final_at=now)
+            outcome = queue.Outcome(
+                delivery.id,
+                S.UNKNOWN,
+                error_code=result.error_code,
+                error_reason=result.reason,
+                final_at=now,
+            )
         await self.writer.record(outcome, attempt, opt_out)

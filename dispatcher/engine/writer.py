@@ -9,6 +9,7 @@ them. Callers still see "my change is durable" before they go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -39,15 +40,21 @@ class _Batch:
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return (len(self.sending) + len(self.outcomes) + len(self.releases) + len(self.events)
-                + len(self.receipts))
+        return (
+            len(self.sending)
+            + len(self.outcomes)
+            + len(self.releases)
+            + len(self.events)
+            + len(self.receipts)
+        )
 
 
 class DeliveryWriter:
-    """Commits delivery state changes in batches; every method returns once its change is durable."""
+    """Commits delivery state changes in batches; each method returns once its change is durable."""
 
-    def __init__(self, db: Database, clock: Clock, owner: str, lease: timedelta,
-                 max_batch: int = 1000) -> None:
+    def __init__(
+        self, db: Database, clock: Clock, owner: str, lease: timedelta, max_batch: int = 1000
+    ) -> None:
         self.db = db
         self.clock = clock
         self.owner = owner
@@ -70,10 +77,8 @@ class DeliveryWriter:
         """Commit what is queued and stop."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         if len(self._batch):
             await self._commit(self._batch)
@@ -156,10 +161,16 @@ class DeliveryWriter:
         updates = []
         for receipt, _ in pending:
             status = _RECEIPT_STATUS[receipt.status]
-            updates.append(queue.ReceiptUpdate(
-                channel=receipt.channel, provider_id=receipt.provider_id, status=status,
-                error_code=receipt.error_code if status == "failed" else None,
-                reason=receipt.reason, at=receipt.at or now))
+            updates.append(
+                queue.ReceiptUpdate(
+                    channel=receipt.channel,
+                    provider_id=receipt.provider_id,
+                    status=status,
+                    error_code=receipt.error_code if status == "failed" else None,
+                    reason=receipt.reason,
+                    at=receipt.at or now,
+                )
+            )
         changes, unknown = await queue.apply_receipts(conn, updates)
         early = []
         for index in unknown:
@@ -168,8 +179,11 @@ class DeliveryWriter:
                 early.append((receipt, deadline))
             else:
                 self.unmatched_receipts += 1
-                log.info("receipt for unknown message id %s on channel %s ignored",
-                         receipt.provider_id, receipt.channel)
+                log.info(
+                    "receipt for unknown message id %s on channel %s ignored",
+                    receipt.provider_id,
+                    receipt.channel,
+                )
         return [list(change) for change in changes], early
 
     async def _commit_with_retry(self, batch: _Batch) -> None:
@@ -196,7 +210,9 @@ class DeliveryWriter:
                     conn, ids=batch.sending, owner=self.owner, now=now, lease_until=now + self.lease
                 )
             for delivery_id, not_before in batch.releases:
-                await queue.release(conn, ids=[delivery_id], owner=self.owner, not_before=not_before)
+                await queue.release(
+                    conn, ids=[delivery_id], owner=self.owner, not_before=not_before
+                )
             await queue.record_outcomes(conn, batch.outcomes, batch.attempts)
             if batch.opt_outs:
                 by_source: dict[str, list[str]] = {}
@@ -205,7 +221,9 @@ class DeliveryWriter:
                 for source, addresses in by_source.items():
                     added = await queue.add_opt_outs(conn, addresses, source=source, now=now)
                     events.extend(
-                        audit.AuditEvent("optout.add", self.owner, subject=a, data={"source": source})
+                        audit.AuditEvent(
+                            "optout.add", self.owner, subject=a, data={"source": source}
+                        )
                         for a in added
                     )
             settled, early = await self._apply_receipts(conn, batch.receipts, now)
@@ -218,8 +236,13 @@ class DeliveryWriter:
         for delivery_id in batch.sending:
             fut = self._sending_results.pop(delivery_id, None)
             if fut is not None and not fut.done():
-                fut.set_result("sending" if delivery_id in marked else
-                               "opted_out" if delivery_id in opted else "lost")
+                fut.set_result(
+                    "sending"
+                    if delivery_id in marked
+                    else "opted_out"
+                    if delivery_id in opted
+                    else "lost"
+                )
         for waiter in batch.waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -233,7 +256,9 @@ _RECEIPT_STATUS = {
 EARLY_RECEIPT_GRACE_S = 30.0
 
 
-def _changes(outcomes: Sequence[queue.Outcome], marked: set[int], opted: set[int]) -> list[list[object]]:
+def _changes(
+    outcomes: Sequence[queue.Outcome], marked: set[int], opted: set[int]
+) -> list[list[object]]:
     # Compact rows for the audit chain: [delivery id, new status, code].
     rows: list[list[object]] = [[i, "sending", None] for i in sorted(marked)]
     rows += [[i, "suppressed", "opted_out"] for i in sorted(opted)]

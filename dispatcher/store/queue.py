@@ -19,7 +19,7 @@ from dispatcher.store.tables import Attempt, Delivery, DeliveryStatus, OptOut
 
 D = Delivery.__table__  # type: ignore[attr-defined]
 A = Attempt.__table__  # type: ignore[attr-defined]
-O = OptOut.__table__  # type: ignore[attr-defined]
+OPT_OUTS = OptOut.__table__  # type: ignore[attr-defined]
 S = DeliveryStatus
 
 
@@ -81,10 +81,10 @@ async def claim(
 async def mark_sending(
     conn: AsyncConnection, *, ids: Sequence[int], owner: str, now: datetime, lease_until: datetime
 ) -> tuple[set[int], set[int]]:
-    """Move claimed rows to `sending` unless opted out; returns (marked, suppressed as opted out)."""
+    """Move claimed rows to `sending` unless opted out; returns (marked, suppressed opted out)."""
     if not ids:
         return set(), set()
-    opted = select(O.c.address)
+    opted = select(OPT_OUTS.c.address)
     suppressed = await conn.execute(
         update(D)
         .where(D.c.id.in_(ids), D.c.status == S.CLAIMED, D.c.owner == owner, D.c.address.in_(opted))
@@ -152,7 +152,7 @@ _OUTCOME_UPDATE = (
 async def record_outcomes(
     conn: AsyncConnection, outcomes: Sequence[Outcome], attempts: Sequence[AttemptRecord]
 ) -> None:
-    """Write outcomes (only from the state they expect) and attempt rows, in the caller's transaction."""
+    """Write outcomes (only from the state they expect) and attempts in the caller's transaction."""
     if outcomes:
         await conn.execute(
             _OUTCOME_UPDATE,
@@ -193,18 +193,24 @@ async def record_outcomes(
 
 
 async def add_opt_outs(
-    conn: AsyncConnection, addresses: Iterable[str], *, source: str, now: datetime, note: str | None = None
+    conn: AsyncConnection,
+    addresses: Iterable[str],
+    *,
+    source: str,
+    now: datetime,
+    note: str | None = None,
 ) -> list[str]:
     """Insert opt-outs that are not there yet; returns the addresses newly added."""
     wanted = sorted(set(addresses))
     if not wanted:
         return []
-    existing = await conn.execute(select(O.c.address).where(O.c.address.in_(wanted)))
+    existing = await conn.execute(select(OPT_OUTS.c.address).where(OPT_OUTS.c.address.in_(wanted)))
     known = {r[0] for r in existing.all()}
     new = [a for a in wanted if a not in known]
     if new:
         await conn.execute(
-            insert(O), [{"address": a, "source": source, "created_at": now, "note": note} for a in new]
+            insert(OPT_OUTS),
+            [{"address": a, "source": source, "created_at": now, "note": note} for a in new],
         )
     return new
 
@@ -252,8 +258,10 @@ async def recover_expired(
     return released.rowcount or 0, [r[0] for r in unknown.all()]
 
 
-async def release(conn: AsyncConnection, *, ids: Sequence[int], owner: str, not_before: datetime) -> None:
-    """Give claimed rows back to the queue, due again at `not_before` (e.g. the send window opens)."""
+async def release(
+    conn: AsyncConnection, *, ids: Sequence[int], owner: str, not_before: datetime
+) -> None:
+    """Give claimed rows back to the queue, due again at `not_before` (e.g. a window opening)."""
     if ids:
         await conn.execute(
             update(D)
@@ -262,7 +270,9 @@ async def release(conn: AsyncConnection, *, ids: Sequence[int], owner: str, not_
         )
 
 
-async def requeue_unknown(conn: AsyncConnection, *, stage_run_ids: Sequence[int], now: datetime) -> list[int]:
+async def requeue_unknown(
+    conn: AsyncConnection, *, stage_run_ids: Sequence[int], now: datetime
+) -> list[int]:
     """Operator's order: resend deliveries left unknown in these stage runs."""
     result = await conn.execute(
         update(D)
@@ -385,8 +395,15 @@ async def apply_receipts(
             continue
         found[key] = (delivery_id, r.status)
         changes.append((delivery_id, r.status, r.error_code))
-        params.append({"b_id": delivery_id, "b_status": r.status, "b_error_code": r.error_code,
-                       "b_reason": r.reason, "b_final_at": r.at})
+        params.append(
+            {
+                "b_id": delivery_id,
+                "b_status": r.status,
+                "b_error_code": r.error_code,
+                "b_reason": r.reason,
+                "b_final_at": r.at,
+            }
+        )
     if params:
         await conn.execute(_RECEIPT_UPDATE, params)
     return changes, unknown

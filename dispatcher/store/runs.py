@@ -39,12 +39,27 @@ async def create_run(
     now: datetime,
 ) -> int | None:
     """Insert the stage run for this firing; None if it already exists (someone else fired it)."""
-    stmt = insert_ignoring_conflicts(conn, R).values(
-        campaign=campaign, stage=stage, fire_time=fire_time, firing_index=firing_index,
-        channel=channel, trigger=trigger, status=status, created_at=now, owner=owner,
-        lease_until=lease_until, rows_read=0, invalid=0, duplicates=0, deliveries=0,
-        checkpoint_line=0,
-    ).returning(R.c.id)
+    stmt = (
+        insert_ignoring_conflicts(conn, R)
+        .values(
+            campaign=campaign,
+            stage=stage,
+            fire_time=fire_time,
+            firing_index=firing_index,
+            channel=channel,
+            trigger=trigger,
+            status=status,
+            created_at=now,
+            owner=owner,
+            lease_until=lease_until,
+            rows_read=0,
+            invalid=0,
+            duplicates=0,
+            deliveries=0,
+            checkpoint_line=0,
+        )
+        .returning(R.c.id)
+    )
     row = (await conn.execute(stmt)).first()
     return None if row is None else int(row[0])
 
@@ -54,14 +69,27 @@ async def get_run(conn: AsyncConnection, run_id: int) -> dict[str, Any] | None:
     return None if row is None else dict(row)
 
 
-async def find_run(conn: AsyncConnection, campaign: str, stage: str, fire_time: datetime) -> dict[str, Any] | None:
-    row = (await conn.execute(select(R).where(
-        R.c.campaign == campaign, R.c.stage == stage, R.c.fire_time == fire_time))).mappings().first()
+async def find_run(
+    conn: AsyncConnection, campaign: str, stage: str, fire_time: datetime
+) -> dict[str, Any] | None:
+    row = (
+        (
+            await conn.execute(
+                select(R).where(
+                    R.c.campaign == campaign, R.c.stage == stage, R.c.fire_time == fire_time
+                )
+            )
+        )
+        .mappings()
+        .first()
+    )
     return None if row is None else dict(row)
 
 
 async def existing_fire_times(conn: AsyncConnection, campaign: str, stage: str) -> set[datetime]:
-    rows = await conn.execute(select(R.c.fire_time).where(R.c.campaign == campaign, R.c.stage == stage))
+    rows = await conn.execute(
+        select(R.c.fire_time).where(R.c.campaign == campaign, R.c.stage == stage)
+    )
     return {r[0] for r in rows.all()}
 
 
@@ -84,7 +112,9 @@ async def insert_batch(
     """
     inserted = 0
     if deliveries:
-        result = await conn.execute(insert_ignoring_conflicts(conn, D).returning(D.c.id), list(deliveries))
+        result = await conn.execute(
+            insert_ignoring_conflicts(conn, D).returning(D.c.id), list(deliveries)
+        )
         inserted = len(result.all())
     if rejections:
         await conn.execute(insert(J), list(rejections))
@@ -110,21 +140,37 @@ class LostLease(Exception):
     """Another process took over this stage run's materialisation."""
 
 
-async def finish_run(conn: AsyncConnection, run_id: int, *, owner: str, now: datetime,
-                     status: str = StageRunStatus.READY, error: str | None = None) -> None:
+async def finish_run(
+    conn: AsyncConnection,
+    run_id: int,
+    *,
+    owner: str,
+    now: datetime,
+    status: str = StageRunStatus.READY,
+    error: str | None = None,
+) -> None:
     await conn.execute(
-        update(R).where(R.c.id == run_id, R.c.owner == owner)
+        update(R)
+        .where(R.c.id == run_id, R.c.owner == owner)
         .values(status=status, materialised_at=now, owner=None, lease_until=None, error=error)
     )
 
 
-async def take_over_stale(conn: AsyncConnection, *, owner: str, now: datetime, lease_until: datetime,
-                          dead_owners: Sequence[str] = ()) -> list[int]:
+async def take_over_stale(
+    conn: AsyncConnection,
+    *,
+    owner: str,
+    now: datetime,
+    lease_until: datetime,
+    dead_owners: Sequence[str] = (),
+) -> list[int]:
     """Claim materialisations whose owner died, so they resume from their checkpoint."""
     stale = (R.c.lease_until < now) | (R.c.owner.in_(list(dead_owners)) if dead_owners else False)
     rows = await conn.execute(
-        update(R).where(R.c.status == StageRunStatus.MATERIALISING, stale)
-        .values(owner=owner, lease_until=lease_until).returning(R.c.id)
+        update(R)
+        .where(R.c.status == StageRunStatus.MATERIALISING, stale)
+        .values(owner=owner, lease_until=lease_until)
+        .returning(R.c.id)
     )
     return [r[0] for r in rows.all()]
 
@@ -132,18 +178,25 @@ async def take_over_stale(conn: AsyncConnection, *, owner: str, now: datetime, l
 async def release(conn: AsyncConnection, *, owner: str, now: datetime) -> list[int]:
     """Give up the materialisations `owner` holds (it is stopping): the next worker resumes them."""
     rows = await conn.execute(
-        update(R).where(R.c.owner == owner, R.c.status == StageRunStatus.MATERIALISING)
-        .values(lease_until=now).returning(R.c.id)
+        update(R)
+        .where(R.c.owner == owner, R.c.status == StageRunStatus.MATERIALISING)
+        .values(lease_until=now)
+        .returning(R.c.id)
     )
     return [r[0] for r in rows.all()]
 
 
 async def renew(conn: AsyncConnection, *, owner: str, lease_until: datetime) -> None:
-    await conn.execute(update(R).where(R.c.owner == owner, R.c.status == StageRunStatus.MATERIALISING)
-                       .values(lease_until=lease_until))
+    await conn.execute(
+        update(R)
+        .where(R.c.owner == owner, R.c.status == StageRunStatus.MATERIALISING)
+        .values(lease_until=lease_until)
+    )
 
 
-async def status_counts(conn: AsyncConnection, run_ids: Sequence[int] | None = None) -> dict[int, dict[str, int]]:
+async def status_counts(
+    conn: AsyncConnection, run_ids: Sequence[int] | None = None
+) -> dict[int, dict[str, int]]:
     """Per stage run, the number of deliveries in each status."""
     stmt = select(D.c.stage_run_id, D.c.status, func.count()).group_by(D.c.stage_run_id, D.c.status)
     if run_ids is not None:

@@ -17,8 +17,15 @@ W = Worker.__table__  # type: ignore[attr-defined]
 
 
 async def register(conn: AsyncConnection, worker_id: str, *, now: datetime) -> None:
-    await conn.execute(insert_ignoring_conflicts(conn, W).values(
-        id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now))
+    await conn.execute(
+        insert_ignoring_conflicts(conn, W).values(
+            id=worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=now,
+            heartbeat_at=now,
+        )
+    )
 
 
 async def heartbeat(conn: AsyncConnection, worker_id: str, *, now: datetime) -> None:
@@ -26,7 +33,9 @@ async def heartbeat(conn: AsyncConnection, worker_id: str, *, now: datetime) -> 
 
 
 async def stopped(conn: AsyncConnection, worker_id: str, *, now: datetime) -> None:
-    await conn.execute(update(W).where(W.c.id == worker_id).values(stopped_at=now, heartbeat_at=now))
+    await conn.execute(
+        update(W).where(W.c.id == worker_id).values(stopped_at=now, heartbeat_at=now)
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -39,29 +48,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-async def dead_workers(conn: AsyncConnection, *, now: datetime, lease: timedelta, me: str) -> list[str]:
+async def dead_workers(
+    conn: AsyncConnection, *, now: datetime, lease: timedelta, me: str
+) -> list[str]:
     """Workers that hold nothing any more: stopped, silent for a lease, or a gone pid on this host.
 
     The pid check lets a daemon restarted after a crash settle its predecessor's leases at once
     instead of waiting for them to expire.
     """
-    rows = (await conn.execute(
-        select(W.c.id, W.c.hostname, W.c.pid, W.c.heartbeat_at, W.c.stopped_at)
-        .where(W.c.id != me, W.c.stopped_at.is_(None)))).all()
+    rows = (
+        await conn.execute(
+            select(W.c.id, W.c.hostname, W.c.pid, W.c.heartbeat_at, W.c.stopped_at).where(
+                W.c.id != me, W.c.stopped_at.is_(None)
+            )
+        )
+    ).all()
     host = socket.gethostname()
     dead = []
     for worker_id, hostname, pid, heartbeat_at, stopped_at in rows:
-        if stopped_at is not None or heartbeat_at + lease < now:
-            dead.append(worker_id)
-        elif hostname == host and not _pid_alive(pid):
+        silent = stopped_at is not None or heartbeat_at + lease < now
+        if silent or (hostname == host and not _pid_alive(pid)):
             dead.append(worker_id)
     return dead
 
 
 async def mark_dead(conn: AsyncConnection, worker_ids: Sequence[str], *, now: datetime) -> None:
     """Mark workers stopped so their rows are not examined again; keeps them for the record."""
-    await conn.execute(update(W).where(W.c.id.in_(list(worker_ids)), W.c.stopped_at.is_(None))
-                       .values(stopped_at=now))
+    await conn.execute(
+        update(W)
+        .where(W.c.id.in_(list(worker_ids)), W.c.stopped_at.is_(None))
+        .values(stopped_at=now)
+    )
 
 
 async def live_workers(
