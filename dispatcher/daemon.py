@@ -46,33 +46,43 @@ class Daemon:
         with contextlib.suppress(NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, self._hup)
         await self.db.upgrade()
-        await self.engine.start()
         stop_server = None
         if self._server_factory is not None:
+            # Bind first: a port already in use is reported before anything is claimed.
             stop_server = await self._server_factory(self.engine, self.db, self.stop_requested)
-        await self._audit(
-            "daemon.start",
-            {
-                "config_sha256": self.config.digest,
-                "worker": self.engine.worker_id,
-                "sources": [str(p) for p in self.config.sources],
-            },
-        )
-        log.info(
-            "dispatcher running as %s (config %s…)", self.engine.worker_id, self.config.digest[:12]
-        )
-        await self.engine.catch_up(self.clock.now())
-        self._schedule()
-        self.scheduler.start()
+        started = False
         try:
+            await self.engine.start()
+            started = True
+            await self._audit(
+                "daemon.start",
+                {
+                    "config_sha256": self.config.digest,
+                    "worker": self.engine.worker_id,
+                    "sources": [str(p) for p in self.config.sources],
+                },
+            )
+            log.info(
+                "dispatcher running as %s (config %s…)",
+                self.engine.worker_id,
+                self.config.digest[:12],
+            )
+            await self.engine.catch_up(self.clock.now())
+            self._schedule()
+            self.scheduler.start()
             await self.stop_requested.wait()
         finally:
             log.info("stopping: no new claims, waiting for in-flight sends")
-            self.scheduler.shutdown(wait=False)
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=False)
             if stop_server is not None:
                 await stop_server()
-            await self.engine.stop()
-            await self._audit("daemon.stop", {"worker": self.engine.worker_id})
+            if started:
+                await self.engine.stop()
+                await self._audit("daemon.stop", {"worker": self.engine.worker_id})
+            else:  # a channel failed to start: release what did start, keep its error
+                with contextlib.suppress(Exception):
+                    await self.engine.stop(timeout=5)
             await self.db.close()
             log.info("stopped")
 
