@@ -48,8 +48,24 @@ SNIFF_BYTES: Final = 64 * 1024
 LINE_LIMIT: Final = 64 * 1024
 FIELD_LIMIT: Final = 64 * 1024
 
-# A NUL or an undecodable byte (kept by errors="surrogateescape" as U+DC80..U+DCFF).
-_BAD_CHAR: Final = re.compile("[\x00\udc80-\udcff]")
+# A NUL or an undecodable byte (kept by the _UNDECODABLE handler as U+DC00..U+DCFF).
+_BAD_CHAR: Final = re.compile("[\x00\udc00-\udcff]")
+_UNDECODABLE: Final = "dispatcher.audience.undecodable"
+
+
+def _keep_undecodable(exc: UnicodeError) -> tuple[str, int]:
+    """Keep each undecodable byte as one lone surrogate, so its row can be rejected.
+
+    errors="surrogateescape" does this for bytes from 0x80 only, and a broken UTF-16 or UTF-32
+    sequence may hold lower ones: it would fail the whole file instead of one row.
+    """
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join(chr(0xDC00 + byte) for byte in exc.object[exc.start : exc.end]), exc.end
+
+
+# A named, stateless handler: registering it again (on a reload) changes nothing.
+codecs.register_error(_UNDECODABLE, _keep_undecodable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +172,7 @@ def read_audience(source: AudienceSource) -> Generator[Recipient | Rejection, No
     _check_source(source)
     try:
         stream = open(  # noqa: SIM115 -- closed by the `with` below, inside the generator
-            source.path, encoding=encoding, errors="surrogateescape", newline=""
+            source.path, encoding=encoding, errors=_UNDECODABLE, newline=""
         )
     except OSError as exc:
         raise _unreadable(source.path, exc) from None
@@ -225,10 +241,24 @@ class _Lines:
     breaks) costs bounded memory: the rest of it is skipped and a blank line stands in for it.
     """
 
-    __slots__ = ("_pending", "_size", "_stream", "bad", "chars", "cut", "nul")
+    __slots__ = (
+        "_encoding",
+        "_file",
+        "_pending",
+        "_size",
+        "_stream",
+        "bad",
+        "chars",
+        "cut",
+        "lines",
+        "nul",
+    )
 
-    def __init__(self, stream: TextIO, limit: int) -> None:
+    def __init__(self, stream: TextIO, limit: int, *, file: str, encoding: str) -> None:
         self._stream = stream
+        self._file = file
+        self._encoding = encoding
+        self.lines = 0
         # Room for the line break too: "\r\n" after `limit` characters still fits.
         self._size = limit + 2
         self._pending: str | None = None
@@ -244,9 +274,10 @@ class _Lines:
         if self._pending is not None:
             line, self._pending = self._pending, None
         else:
-            line = self._stream.readline(self._size)
+            line = self._readline()
         if not line:
             raise StopIteration
+        self.lines += 1
         if len(line) < self._size or line.endswith("\n"):
             self.chars += len(line)
             if _BAD_CHAR.search(line):
@@ -260,7 +291,7 @@ class _Lines:
 
     def _skip_rest(self, tail: str) -> None:
         while not tail.endswith("\n"):
-            chunk = self._stream.readline(self._size)
+            chunk = self._readline()
             if not chunk:
                 return
             if tail.endswith("\r"):
@@ -271,11 +302,28 @@ class _Lines:
                 return
             tail = chunk
 
+    def _readline(self) -> str:
+        try:
+            return self._stream.readline(self._size)
+        except UnicodeError as exc:
+            # Not a byte sequence (those become bad rows) but the stream itself, such as
+            # "utf-16" declared for a file without a byte-order mark: unreadable from here on.
+            raise AudienceError(
+                [
+                    Problem(
+                        f"not valid {self._encoding} text from this line on ({exc}); save the "
+                        'file again from Excel as "CSV UTF-8", or set the audience\'s encoding',
+                        file=self._file,
+                        line=self.lines + 1,
+                    )
+                ]
+            ) from None
+
 
 def _read_rows(
     stream: TextIO, source: AudienceSource, file: str, encoding: str
 ) -> Iterator[Recipient | Rejection]:
-    lines = _Lines(stream, LINE_LIMIT)
+    lines = _Lines(stream, LINE_LIMIT, file=file, encoding=encoding)
     reader = csv.reader(lines, delimiter=source.delimiter)
     headers, header_line = _read_header(reader, lines, file, encoding)
     address_index = _column_index(headers, source.address_column, file, header_line)

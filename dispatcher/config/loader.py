@@ -145,9 +145,9 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        bad_line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(
-            [Problem("not UTF-8 (save the file as UTF-8)", file=str(path), line=line)]
+            [Problem("not UTF-8 (save the file as UTF-8)", file=str(path), line=bad_line)]
         ) from exc
     try:
         return tomllib.loads(text), text

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,10 +26,23 @@ from pydantic import (
 from dispatcher.config.durations import parse_duration
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _no_nul(value: str) -> str:
+    # No file system takes a NUL in a name; pathlib would raise ValueError far from the key.
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000), which no file name can hold")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 
 
-def _timezone(value: str) -> str:
+def _timezone(value: object) -> str:
+    if not isinstance(value, str):
+        # ZoneInfo raises TypeError on non-strings, which pydantic would not catch.
+        raise ValueError("expected a time zone name such as 'Asia/Shanghai'")
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -75,7 +89,7 @@ class SendWindow(Model):
 class AudienceConfig(Model):
     """A CSV audience: where it is and how to read its addresses."""
 
-    file: str
+    file: PathText
     kind: Literal["phone", "email"] = "phone"
     address_column: str
     region: str = Field(default="CN", pattern=r"^[A-Z]{2}$")
@@ -133,9 +147,9 @@ class StageConfig(Model):
     grace: Duration = timedelta(hours=1)
     validity: Duration = timedelta(hours=24)
     template: str | None = None
-    template_file: str | None = None
+    template_file: PathText | None = None
     subject: str | None = None
-    html_template_file: str | None = None
+    html_template_file: PathText | None = None
     slogans: SloganChoice | None = None
     max_segments: int = Field(default=3, ge=1, le=10)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
@@ -161,10 +175,10 @@ class StageConfig(Model):
     def _valid_cron(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from apscheduler.triggers.cron import CronTrigger
+        from dispatcher.crontab import crontab_fields
 
         try:
-            CronTrigger.from_crontab(value, timezone="UTC")
+            crontab_fields(value)
         except ValueError as exc:
             raise ValueError(
                 f"bad cron expression {value!r}: {exc} (five fields: minute hour day month weekday)"
@@ -273,10 +287,10 @@ class ServerConfig(Model):
 class DispatcherSection(Model):
     """The `[dispatcher]` table."""
 
-    database: str | None = None
+    database: PathText | None = None
     timezone: TimeZoneName = "Asia/Shanghai"
-    slogans: str = "slogans"
-    campaigns: list[str] = Field(default_factory=lambda: ["campaigns/*.toml"])
+    slogans: PathText = "slogans"
+    campaigns: list[PathText] = Field(default_factory=lambda: ["campaigns/*.toml"])
 
 
 class RootConfig(Model):
