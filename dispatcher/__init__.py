@@ -1,3 +1,3 @@
-"""dispatcher: bulk SMS and multi-channel publicity campaigns, sent exactly once and proven afterwards."""
+"""dispatcher: bulk SMS and multi-channel campaigns, sent exactly once and proven afterwards."""
 
 __version__ = "0.1.0"

@@ -274,6 +274,13 @@ class ChannelWorker:
         )
         await self.limiter.admit()
         started = self.clock.now()
+        if not in_window(info.window, info.tz, started) or (
+            delivery.valid_until is not None and started >= delivery.valid_until
+        ):
+            # Pacing crossed the closing time or the validity: the provider was not called, so
+            # this process may undo its in-flight mark (a crash here leaves it `unknown`: safe).
+            await self._undo_mark(delivery, info, started)
+            return
         t0 = time.perf_counter()
         try:
             # A timeout scope, not wait_for: the call starts now, in this task, not one loop
@@ -293,6 +300,30 @@ class ChannelWorker:
         latency_ms = (time.perf_counter() - t0) * 1000
         self.stats.observe(result, latency_ms / 1000)
         await self._record(delivery, info, result, started, latency_ms)
+
+    async def _undo_mark(
+        self, delivery: queue.ClaimedDelivery, info: RunInfo, now: datetime
+    ) -> None:
+        if delivery.valid_until is not None and now >= delivery.valid_until:
+            self.stats.suppressed += 1
+            outcome = queue.Outcome(
+                delivery.id,
+                S.SUPPRESSED,
+                reason="expired",
+                error_code="expired",
+                error_reason=f"not sent before {delivery.valid_until.isoformat()}",
+                final_at=now,
+                attempts_delta=-1,
+            )
+        else:
+            self.stats.deferred += 1
+            outcome = queue.Outcome(
+                delivery.id,
+                S.PENDING,
+                not_before=next_window_opening(info.window, info.tz, now),
+                attempts_delta=-1,
+            )
+        await self.writer.record(outcome)
 
     async def _record(
         self,

@@ -114,6 +114,8 @@ class Outcome:
     not_before: datetime | None = None
     sent_at: datetime | None = None
     final_at: datetime | None = None
+    # -1 when an in-flight mark is undone before the provider was called (see the worker).
+    attempts_delta: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,7 @@ _OUTCOME_UPDATE = (
         not_before=bindparam("b_not_before", type_=D.c.not_before.type),
         sent_at=func.coalesce(bindparam("b_sent_at", type_=D.c.sent_at.type), D.c.sent_at),
         final_at=bindparam("b_final_at", type_=D.c.final_at.type),
+        attempts=D.c.attempts + bindparam("b_attempts_delta"),
         owner=None,
         lease_until=None,
     )
@@ -168,6 +171,7 @@ async def record_outcomes(
                     "b_not_before": o.not_before,
                     "b_sent_at": o.sent_at,
                     "b_final_at": o.final_at,
+                    "b_attempts_delta": o.attempts_delta,
                 }
                 for o in outcomes
             ],
@@ -216,10 +220,20 @@ async def add_opt_outs(
 
 
 async def renew_leases(conn: AsyncConnection, *, owner: str, lease_until: datetime) -> int:
-    """Extend every lease `owner` holds (its heartbeat); returns how many rows it holds."""
+    """Extend the leases `owner` holds (its heartbeat); returns how many rows were renewed.
+
+    Rows locked right now are skipped: they are the owner's own writer settling them or
+    marking them in flight, in its own order, and waiting for them here deadlocked with it on
+    PostgreSQL. A skipped lease is renewed at the next heartbeat, well within the lease.
+    """
+    mine = (
+        select(D.c.id)
+        .where(D.c.owner == owner, D.c.status.in_([S.CLAIMED, S.SENDING]))
+        .with_for_update(skip_locked=True)
+    )
     result = await conn.execute(
         update(D)
-        .where(D.c.owner == owner, D.c.status.in_([S.CLAIMED, S.SENDING]))
+        .where(D.c.id.in_(mine.scalar_subquery()), D.c.owner == owner)
         .values(lease_until=lease_until)
     )
     return result.rowcount or 0
