@@ -126,7 +126,9 @@ def assert_broken_at(chain: tuple[Path, Path], seq: int, words: str) -> str:
 
 def test_the_untouched_chain_verifies(chain: tuple[Path, Path], db: sqlite3.Connection) -> None:
     total = entry_count(db)
-    assert total > 50
+    # 13 firings, each with its 'firing' and 'firing.materialised' entries and at least one
+    # 'deliveries' batch; how many batches depends on how commits group, so only a floor.
+    assert total >= 3 * 13
     kinds = {r[0] for r in db.execute("SELECT DISTINCT kind FROM audit_log")}
     assert {"firing", "firing.materialised", "deliveries"} <= kinds
     result = dispatcher("audit", "verify", str(chain[0]), database=chain[1])
