@@ -188,37 +188,32 @@ def _print_summaries(out: object, items: list[RunSummary]) -> None:
     if not items:
         out.print("no stage runs yet")
         return
-    table = Table(show_edge=False)
-    for column in (
-        "run",
-        "fired (UTC)",
-        "stage",
-        "state",
-        "rows",
-        "invalid",
-        "dup",
-        "total",
-        *STATUS_COLUMNS,
-        "ok",
-        "rate/s",
-        "eta",
-    ):
-        table.add_column(column)
+    # Only what varies earns a column: a terminal is narrow and 19 columns would be unreadable.
+    campaigns = {s.campaign for s in items}
+    always = ("sent", "delivered", "failed", "suppressed", "unknown")
+    statuses = [c for c in STATUS_COLUMNS if c in always or any(s.by_status.get(c) for s in items)]
+    moving = any(s.open for s in items)
+    columns = ["run", "fired (UTC)", "stage", "trigger", "rows", "invalid", "dup", "total"]
+    columns += [*statuses, "adds up"] + (["rate/s", "eta"] if moving else [])
+    table = Table(show_edge=False, title=next(iter(campaigns)) if len(campaigns) == 1 else None)
+    for column in columns:
+        table.add_column(column, no_wrap=True)
     for s in items:
-        table.add_row(
+        row = [
             str(s.run_id),
-            s.fire_time.strftime("%Y-%m-%d %H:%M"),
-            f"{s.campaign}/{s.stage}",
+            s.fire_time.strftime("%m-%d %H:%M"),
+            s.stage if len(campaigns) == 1 else f"{s.campaign}/{s.stage}",
             s.status if s.status != "ready" else s.trigger,
             str(s.rows_read),
             str(s.invalid),
             str(s.duplicates),
             str(s.deliveries),
-            *(str(s.by_status.get(c, 0)) for c in STATUS_COLUMNS),
+            *(str(s.by_status.get(c, 0)) for c in statuses),
             "yes" if s.adds_up else "NO",
-            f"{s.rate_per_s:.1f}",
-            f"{s.eta_s:.0f}s" if s.eta_s is not None else "-",
-        )
+        ]
+        if moving:
+            row += [f"{s.rate_per_s:.1f}", f"{s.eta_s:.0f}s" if s.eta_s is not None else "-"]
+        table.add_row(*row)
     out.print(table)
     for s in items:
         if s.errors:
