@@ -101,8 +101,12 @@ class Engine:
         """Register this worker, open channels and start the writer (and send workers)."""
         self.writer.start()
         now = self.clock.now()
+        # Registration commits before the live workers are read: of two workers starting at
+        # once, the later reader then always sees the other and waits (read in the same
+        # transaction, both could see only themselves and both send at the full rate).
         async with self.db.engine.begin() as conn:
             await workers.register(conn, self.worker_id, now=now)
+        async with self.db.engine.begin() as conn:
             live = await workers.live_workers(conn, now=now, lease=self.lease, me=self.worker_id)
         # Live workers split each channel's rate. Those already sending learn of this one at
         # their next housekeeping, and their last second of sends still counts against the

@@ -115,11 +115,15 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+# An arbitrary, fixed key for PostgreSQL's advisory lock around migrations ("dispatch" in ASCII).
+_LOCK = 0x6469737061746368
+
+
 def upgrade_sync(sync_url: str) -> None:
     """Run Alembic's `upgrade head` against `sync_url` (blocking)."""
     from alembic import command
     from alembic.config import Config as AlembicConfig
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -129,6 +133,11 @@ def upgrade_sync(sync_url: str) -> None:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                # Daemons started together on a new database would all create the same tables
+                # (and fail on PostgreSQL's catalog): one migrates, the others wait for its
+                # commit and then find nothing left to do. The lock ends with the transaction.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     finally:
