@@ -46,8 +46,11 @@ soak: $(STAMP)
 ## Benchmarks: run by hand, figures go into the closing notes (never timed assertions).
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_twilio.py --recipients 100000 --runs 3
 	$(BIN)/python bench/bench_audience_memory.py --rows 10000
 	$(BIN)/python bench/bench_audience_memory.py --rows 1000000
+	@if [ -n "$$DISPATCHER_TEST_PG_URL" ]; then $(BIN)/python bench/bench_scale.py; \
+	else echo "bench_scale.py skipped: set DISPATCHER_TEST_PG_URL to a PostgreSQL database"; fi
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
