@@ -14,11 +14,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo
+
+import pytest
 
 from dispatcher.config.loader import Config, load_config
 
@@ -320,3 +323,34 @@ def read_send_log(path: Path) -> tuple[list[dict[str, Any]], int]:
         except json.JSONDecodeError:
             torn += 1
     return records, torn
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards.
+
+    Skips with a reason without DISPATCHER_TEST_PG_URL; DISPATCHER_REQUIRE_PG=1 (set by
+    .ci/run) turns the skip into a failure.
+    """
+    base = os.environ.get("DISPATCHER_TEST_PG_URL")
+    if not base:
+        if os.environ.get("DISPATCHER_REQUIRE_PG") == "1":
+            pytest.fail("DISPATCHER_REQUIRE_PG=1 but DISPATCHER_TEST_PG_URL is not set")
+        pytest.skip("no PostgreSQL server: set DISPATCHER_TEST_PG_URL to run these tests")
+    import psycopg
+
+    name = f"dispatcher_t_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(base, autocommit=True)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("DISPATCHER_REQUIRE_PG") == "1":
+            pytest.fail(f"PostgreSQL at DISPATCHER_TEST_PG_URL is unreachable: {exc}")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = base.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

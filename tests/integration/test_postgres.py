@@ -7,10 +7,7 @@ DISPATCHER_REQUIRE_PG=1 (set by .ci/run), which turns the skip into a failure.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,33 +27,6 @@ D = Delivery.__table__  # type: ignore[attr-defined]
 A = Attempt.__table__  # type: ignore[attr-defined]
 R = StageRun.__table__  # type: ignore[attr-defined]
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    base = os.environ.get("DISPATCHER_TEST_PG_URL")
-    if not base:
-        if os.environ.get("DISPATCHER_REQUIRE_PG") == "1":
-            pytest.fail("DISPATCHER_REQUIRE_PG=1 but DISPATCHER_TEST_PG_URL is not set")
-        pytest.skip("no PostgreSQL server: set DISPATCHER_TEST_PG_URL to run these tests")
-    import psycopg
-
-    name = f"dispatcher_t_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(base, autocommit=True)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("DISPATCHER_REQUIRE_PG") == "1":
-            pytest.fail(f"PostgreSQL at DISPATCHER_TEST_PG_URL is unreachable: {exc}")
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = base.rsplit("/", 1)[0] + "/" + name
-    try:
-        yield url
-    finally:
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def write_config(tmp_path: Path, recipients: int) -> Path:

@@ -17,9 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import tracemalloc
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -366,33 +364,6 @@ async def test_summary_queries_agree_with_the_rows(rehearsed: tuple[Path, Path])
         assert summary.timeline.unit == "minute"  # one stage's sends span under 6 hours
     finally:
         await db.close()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards (skips without a server, as in CI rules)."""
-    base = os.environ.get("DISPATCHER_TEST_PG_URL")
-    required = os.environ.get("DISPATCHER_REQUIRE_PG") == "1"
-    if not base:
-        if required:
-            pytest.fail("DISPATCHER_REQUIRE_PG=1 but DISPATCHER_TEST_PG_URL is not set")
-        pytest.skip("no PostgreSQL server: set DISPATCHER_TEST_PG_URL to run this test")
-    import psycopg
-
-    name = f"dispatcher_r_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(base, autocommit=True)
-    except psycopg.OperationalError as exc:
-        if required:
-            pytest.fail(f"PostgreSQL at DISPATCHER_TEST_PG_URL is unreachable: {exc}")
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.mark.postgres

@@ -23,9 +23,7 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -41,33 +39,6 @@ TOKEN = "scale-out-token"
 SENDER = "+15005550006"
 RATE = 400  # messages per second for the whole channel, across every daemon
 DAEMONS = 3
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    base = os.environ.get("DISPATCHER_TEST_PG_URL")
-    if not base:
-        if os.environ.get("DISPATCHER_REQUIRE_PG") == "1":
-            pytest.fail("DISPATCHER_REQUIRE_PG=1 but DISPATCHER_TEST_PG_URL is not set")
-        pytest.skip("no PostgreSQL server: set DISPATCHER_TEST_PG_URL to run these tests")
-    import psycopg
-
-    name = f"dispatcher_t_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(base, autocommit=True)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("DISPATCHER_REQUIRE_PG") == "1":
-            pytest.fail(f"PostgreSQL at DISPATCHER_TEST_PG_URL is unreachable: {exc}")
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = base.rsplit("/", 1)[0] + "/" + name
-    try:
-        yield url
-    finally:
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _env(database_url: str | None = None) -> dict[str, str]:
