@@ -496,9 +496,8 @@ class Engine:
                         .where(
                             D.c.channel == name,
                             D.c.status == DeliveryStatus.UNKNOWN,
-                            D.c.error_code.in_(["in-flight", "timeout", "adapter-error"])
-                            | D.c.error_code.is_(None)
-                            | (D.c.error_code != "unreconciled"),
+                            # Once the provider could not say, leave it to an operator.
+                            D.c.error_code.is_(None) | (D.c.error_code != "unreconciled"),
                         )
                         .order_by(D.c.id)
                         .limit(limit)
