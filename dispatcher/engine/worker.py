@@ -220,19 +220,9 @@ class ChannelWorker:
         if info is None:
             await self.writer.release(delivery.id, now + timedelta(minutes=1))
             return
-        if delivery.valid_until is not None and now >= delivery.valid_until:
+        if _expired(delivery, now):
             self.stats.suppressed += 1
-            await self.writer.record(
-                queue.Outcome(
-                    delivery.id,
-                    S.SUPPRESSED,
-                    from_status=S.CLAIMED,
-                    reason="expired",
-                    error_code="expired",
-                    error_reason=f"not sent before {delivery.valid_until.isoformat()}",
-                    final_at=now,
-                )
-            )
+            await self.writer.record(_expiry(delivery, now, from_status=S.CLAIMED))
             return
         if not in_window(info.window, info.tz, now):
             self.stats.deferred += 1
@@ -274,9 +264,7 @@ class ChannelWorker:
         )
         await self.limiter.admit()
         started = self.clock.now()
-        if not in_window(info.window, info.tz, started) or (
-            delivery.valid_until is not None and started >= delivery.valid_until
-        ):
+        if not in_window(info.window, info.tz, started) or _expired(delivery, started):
             # Pacing crossed the closing time or the validity: the provider was not called, so
             # this process may undo its in-flight mark (a crash here leaves it `unknown`: safe).
             await self._undo_mark(delivery, info, started)
@@ -304,17 +292,9 @@ class ChannelWorker:
     async def _undo_mark(
         self, delivery: queue.ClaimedDelivery, info: RunInfo, now: datetime
     ) -> None:
-        if delivery.valid_until is not None and now >= delivery.valid_until:
+        if _expired(delivery, now):
             self.stats.suppressed += 1
-            outcome = queue.Outcome(
-                delivery.id,
-                S.SUPPRESSED,
-                reason="expired",
-                error_code="expired",
-                error_reason=f"not sent before {delivery.valid_until.isoformat()}",
-                final_at=now,
-                attempts_delta=-1,
-            )
+            outcome = _expiry(delivery, now, from_status=S.SENDING, attempts_delta=-1)
         else:
             self.stats.deferred += 1
             outcome = queue.Outcome(
@@ -421,3 +401,24 @@ class ChannelWorker:
                 final_at=now,
             )
         await self.writer.record(outcome, attempt, opt_out)
+
+
+def _expired(delivery: queue.ClaimedDelivery, now: datetime) -> bool:
+    return delivery.valid_until is not None and now >= delivery.valid_until
+
+
+def _expiry(
+    delivery: queue.ClaimedDelivery, now: datetime, *, from_status: str, attempts_delta: int = 0
+) -> queue.Outcome:
+    """The outcome of a delivery whose validity ran out before the provider was called."""
+    assert delivery.valid_until is not None
+    return queue.Outcome(
+        delivery.id,
+        S.SUPPRESSED,
+        from_status=from_status,
+        reason="expired",
+        error_code="expired",
+        error_reason=f"not sent before {delivery.valid_until.isoformat()}",
+        final_at=now,
+        attempts_delta=attempts_delta,
+    )
