@@ -248,34 +248,15 @@ class Engine:
         wait: bool = True,
     ) -> FireResult:
         """Create the stage run for `firing` (once, whoever asks) and materialise it."""
-        now = self.clock.now()
-        async with self.db.engine.begin() as conn:
-            run_id = await runs.create_run(
-                conn,
-                campaign=campaign.id,
-                stage=stage.id,
-                fire_time=firing.at,
-                firing_index=firing.index,
-                channel=stage.channel,
-                trigger=trigger,
-                status=StageRunStatus.MATERIALISING,
-                owner=self.worker_id,
-                lease_until=now + self.lease,
-                now=now,
-            )
-            if run_id is not None:
-                await audit.append(
-                    conn,
-                    [
-                        audit.AuditEvent(
-                            "firing",
-                            self.actor,
-                            subject=f"{campaign.id}/{stage.id}@{firing.at.isoformat()}",
-                            data={"run": run_id, "trigger": trigger, "worker": self.worker_id},
-                        )
-                    ],
-                    now,
-                )
+        run_id = await self._create_run(
+            stage,
+            firing,
+            trigger=trigger,
+            status=StageRunStatus.MATERIALISING,
+            owned=True,
+            event="firing",
+            data={"trigger": trigger, "worker": self.worker_id},
+        )
         if run_id is None:
             log.info("%s/%s at %s was already fired", campaign.id, stage.id, firing.at.isoformat())
             async with self.db.engine.connect() as conn:
@@ -313,38 +294,56 @@ class Engine:
         finally:
             self._wake_workers()
 
-    async def record_missed(
-        self, campaign: CampaignConfig, stage: StageConfig, firing: Firing
-    ) -> bool:
-        """Record a firing that was not run in time (outside its grace); True if newly recorded."""
+    async def _create_run(
+        self,
+        stage: StageConfig,
+        firing: Firing,
+        *,
+        trigger: str,
+        status: str,
+        owned: bool,
+        event: str,
+        data: dict[str, object],
+    ) -> int | None:
+        """Insert the firing's unique stage run and audit it; None if it already existed."""
         now = self.clock.now()
         async with self.db.engine.begin() as conn:
             run_id = await runs.create_run(
                 conn,
-                campaign=campaign.id,
+                campaign=firing.campaign,
                 stage=stage.id,
                 fire_time=firing.at,
                 firing_index=firing.index,
                 channel=stage.channel,
-                trigger="missed",
-                status=StageRunStatus.MISSED,
-                owner=None,
-                lease_until=None,
+                trigger=trigger,
+                status=status,
+                owner=self.worker_id if owned else None,
+                lease_until=now + self.lease if owned else None,
                 now=now,
             )
             if run_id is not None:
+                subject = f"{firing.campaign}/{stage.id}@{firing.at.isoformat()}"
+                event_data = {"run": run_id, **data}
                 await audit.append(
                     conn,
-                    [
-                        audit.AuditEvent(
-                            "firing.missed",
-                            self.actor,
-                            subject=f"{campaign.id}/{stage.id}@{firing.at.isoformat()}",
-                            data={"run": run_id, "grace_s": stage.grace.total_seconds()},
-                        )
-                    ],
+                    [audit.AuditEvent(event, self.actor, subject=subject, data=event_data)],
                     now,
                 )
+        return run_id
+
+    async def record_missed(
+        self, campaign: CampaignConfig, stage: StageConfig, firing: Firing
+    ) -> bool:
+        """Record a firing that was not run in time (outside its grace); True if newly recorded."""
+        run_id = await self._create_run(
+            stage,
+            firing,
+            trigger="missed",
+            status=StageRunStatus.MISSED,
+            owned=False,
+            event="firing.missed",
+            data={"grace_s": stage.grace.total_seconds()},
+        )
         if run_id is not None:
             log.warning(
                 "%s/%s at %s was missed (more than %s late): recorded as missed",
