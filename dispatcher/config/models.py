@@ -6,6 +6,7 @@ exists, its dates fall inside the campaign) live in `loader.cross_check`, which 
 
 from __future__ import annotations
 
+import math
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +27,9 @@ from pydantic import (
 from dispatcher.config.durations import parse_duration
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+#: A channel's default burst, in seconds of its rate.
+DEFAULT_BURST_S = 0.1
 
 
 def _no_nul(value: str) -> str:
@@ -245,9 +249,19 @@ class ChannelConfig(Model):
     type: str
     rate: float = Field(default=10.0, gt=0, le=100_000, description="messages per second")
     burst: int | None = Field(default=None, ge=1)
+    # The cap holds over every window of 1 s plus this margin at the sender: room for the
+    # variation in how long requests take to reach the provider.
+    rate_margin: Duration = timedelta(milliseconds=10)
     concurrency: int = Field(default=10, ge=1, le=10_000)
     price_per_segment: Decimal = Decimal("0")
     currency: str = "CNY"
+
+    @field_validator("rate_margin")
+    @classmethod
+    def _margin_in_range(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) <= value <= timedelta(seconds=1):
+            raise ValueError('must be between 0 and 1s (e.g. "10ms")')
+        return value
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -256,7 +270,12 @@ class ChannelConfig(Model):
 
     @property
     def bucket_size(self) -> int:
-        return self.burst if self.burst is not None else max(1, int(self.rate))
+        # A tenth of a second's sends by default: a burst of a whole second's worth goes out
+        # as fast as this process can build the requests, which spreads its arrivals at the
+        # provider over tens of milliseconds and lets them crowd into the next second there.
+        if self.burst is not None:
+            return self.burst
+        return max(1, math.ceil(self.rate * DEFAULT_BURST_S))
 
 
 class EngineConfig(Model):

@@ -7,8 +7,10 @@ so no window of one second ever holds more than the cap of grants.
 Grants are not provider calls, though: between the two lies the commit of the in-flight mark,
 whose latency varies from batch to batch, so a burst granted at once reaches the provider spread
 out and the next burst, granted a window later, can land inside the same provider-side second
-(58 calls in one second at a rate of 50 was measured). `admit`, called right before the
-provider call, applies the same guard to call times; it only ever waits for that jitter.
+(58 calls in one second at a rate of 50 was measured). `admit` applies the same guard to call
+times; it only ever waits for that jitter. The engine calls it right before `Channel.send`, or
+the adapter does as its request leaves (see `Channel.paces_requests`): a new connection's
+handshake, for one, can hold a request back for tens of milliseconds after the engine's check.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from collections import deque
 
 from dispatcher.engine.clock import Clock
 
-# Grants turn into provider calls a few milliseconds later (after the in-flight mark commits),
-# and calls reach the provider after a scheduling and network delay that varies from call to
-# call: a margin keeps that jitter from pushing two windows' calls into one provider-side
-# second. 10 ms was not enough with three daemons sharing two busy cores (601 calls in one
-# second at a cap of 600 were measured at the provider); 50 ms costs under 5% of the cap.
-WINDOW_MARGIN_S = 0.05
+# Calls reach the provider after a delay that varies from call to call (scheduling, the
+# network): a margin on the window keeps that jitter from pushing two windows' calls into one
+# provider-side second. It costs its share of the cap (1000 per 1.01 s at a cap of 1000/s).
+# The default; a channel's `rate_margin` sets its own.
+WINDOW_MARGIN_S = 0.01
 # Waits shorter than this count as none. Float rounding can leave a token at 0.9999999 or a
 # window a hair short of full; on a clock that only moves when slept on (virtual time), adding
 # such a wait to a large reading changes nothing, and the limiter would spin forever.
@@ -34,7 +35,14 @@ EPSILON_S = 1e-9
 class RateLimiter:
     """At most `rate` grants per second, `burst` at once, never more than the cap in any window."""
 
-    def __init__(self, rate: float, burst: int, clock: Clock, window_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        clock: Clock,
+        window_s: float = 1.0,
+        margin_s: float = WINDOW_MARGIN_S,
+    ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.channel_rate = rate
@@ -43,13 +51,16 @@ class RateLimiter:
         self.burst = burst
         self.clock = clock
         self.window_s = window_s
-        self.window = window_s + WINDOW_MARGIN_S
+        self.window = window_s + margin_s
         self.workers = 1
         self._tokens = float(min(burst, max(1, math.floor(rate))))
         self._updated = clock.monotonic()
-        cap = math.floor(rate * window_s)
-        self._recent: deque[float] | None = deque(maxlen=cap) if cap >= 1 else None
-        self._calls: deque[float] | None = deque(maxlen=cap) if cap >= 1 else None
+        self.cap = math.floor(rate * window_s)  # per window; below 1 the bucket alone paces
+        # Grant and call times of the last window. The deques live as long as the limiter and
+        # only ever change in place: a send waiting in `admit` while the share changes must
+        # record its call in the window the next send looks at.
+        self._recent: deque[float] = deque()
+        self._calls: deque[float] = deque()
         self._lock = asyncio.Lock()
         self._call_lock = asyncio.Lock()
         self._raise: tuple[int, float] | None = None  # (workers, from when): a deferred raise
@@ -84,9 +95,16 @@ class RateLimiter:
         self.rate = self.channel_rate / workers
         self.burst = max(1, self.channel_burst // workers)
         self._tokens = min(self._tokens, float(self.burst))
-        cap = math.floor(self.rate * self.window_s)
-        self._recent = deque(self._recent or (), maxlen=cap) if cap >= 1 else None
-        self._calls = deque(self._calls or (), maxlen=cap) if cap >= 1 else None
+        self.cap = math.floor(self.rate * self.window_s)
+
+    def _window_wait(self, times: deque[float], now: float) -> float:
+        """Seconds until one more event at `now` keeps every window of `times` within the cap."""
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if self.cap < 1 or len(times) < self.cap:
+            return 0.0
+        # The cap-th most recent event must have left the window first.
+        return times[len(times) - self.cap] + self.window - now
 
     async def acquire(self) -> None:
         """Wait for permission to make one send (FIFO among waiters)."""
@@ -96,29 +114,23 @@ class RateLimiter:
                 now = self.clock.monotonic()
                 self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
                 self._updated = now
-                wait = (1 - self._tokens) / self.rate
-                recent = self._recent
-                if recent is not None and len(recent) == recent.maxlen:
-                    wait = max(wait, recent[0] + self.window - now)
+                wait = max((1 - self._tokens) / self.rate, self._window_wait(self._recent, now))
                 if wait <= EPSILON_S:
                     self._tokens = max(0.0, self._tokens - 1)
-                    if recent is not None:
-                        recent.append(now)
+                    self._recent.append(now)
                     return
                 self.waited_s += wait
                 await self.clock.sleep(wait)
 
     async def admit(self) -> None:
         """Wait until one more provider call keeps every window within the cap."""
-        self._raise_due()
-        calls = self._calls
-        if calls is None:
-            return
         async with self._call_lock:
-            while len(calls) == calls.maxlen:
-                wait = calls[0] + self.window - self.clock.monotonic()
+            while True:
+                self._raise_due()
+                now = self.clock.monotonic()
+                wait = self._window_wait(self._calls, now)
                 if wait <= EPSILON_S:
-                    break
+                    self._calls.append(now)
+                    return
                 self.waited_s += wait
                 await self.clock.sleep(wait)
-            calls.append(self.clock.monotonic())

@@ -149,3 +149,50 @@ def test_the_cap_holds_whatever_the_pauses_between_requests(
 
     times = asyncio.run(scenario())
     assert sliding_max(times) <= int(rate)
+
+
+async def test_calls_waiting_in_admit_when_the_share_changes_still_count() -> None:
+    # Three workers share 30/s; one leaves and the survivors' share rises to 15/s a window
+    # later. Calls that were waiting in `admit` across the change must be counted in the window
+    # the next calls look at (they were once appended to a window the change had replaced,
+    # and the worker then made more than its share in one second).
+    clock = FakeClock()
+    limiter = RateLimiter(rate=30, burst=30, clock=clock)
+    limiter.set_share(3)
+    calls: list[float] = []
+
+    async def call() -> None:
+        await limiter.admit()
+        calls.append(clock.t)
+
+    for _ in range(10):  # a full window at the share of three: 10 calls at once
+        await call()
+    limiter.set_share(2)  # a worker left: the raise to 15/s is due a window from now
+    # Ten calls wait for the window to pass; meanwhile another send asks for a token, which
+    # applies the raise while they are still waiting.
+    waiting = [asyncio.create_task(call()) for _ in range(10)]
+    await asyncio.gather(limiter.acquire(), *waiting)
+    while clock.t < 4:
+        await call()
+    assert sliding_max(calls) <= 15
+
+
+def test_the_window_follows_the_share_down_and_up() -> None:
+    async def scenario() -> list[tuple[float, int]]:
+        clock = FakeClock()
+        limiter = RateLimiter(rate=60, burst=60, clock=clock)
+        out = []
+        for workers in (1, 3, 2, 1, 4):
+            limiter.set_share(workers)
+            end = clock.t + 3
+            while clock.t < end:
+                await limiter.acquire()
+                await limiter.admit()
+                out.append((clock.t, limiter.workers))
+        return out
+
+    calls = asyncio.run(scenario())
+    # Whatever the changes, no window holds more than the largest share that applied in it.
+    for i, (t, _) in enumerate(calls):
+        in_window = [w for s, w in calls[i:] if s < t + 1.0]
+        assert len(in_window) <= 60 // min(in_window)
