@@ -14,6 +14,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dispatcher import audit
 from dispatcher.config.loader import Config
 from dispatcher.config.models import CampaignConfig, StageConfig
+from dispatcher.engine import heap
 from dispatcher.engine.clock import SystemClock
 from dispatcher.engine.engine import Engine
 from dispatcher.plan import build_trigger, latest_firing
@@ -54,6 +55,7 @@ class Daemon:
         try:
             await self.engine.start()
             started = True
+            heap.settle()
             await self._audit(
                 "daemon.start",
                 {

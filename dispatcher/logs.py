@@ -15,6 +15,12 @@ from dispatcher.addresses import mask_address
 _E164 = re.compile(r"\+\d{8,15}")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (SQLAlchemy appends the SQL and a link on later ones)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def mask_text(text: str) -> str:
     """Mask every E.164-looking number in `text`."""
     return _E164.sub(lambda m: mask_address(m.group(0)), text)

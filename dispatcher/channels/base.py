@@ -8,10 +8,12 @@ classify.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +61,8 @@ class SendResult:
     reason: str | None = None
     retry_after: float | None = None
     expects_receipt: bool = False
+    # The channel as a whole cannot take messages now (see `unavailable`).
+    channel_down: bool = False
 
     @classmethod
     def accepted(cls, provider_id: str | None, *, expects_receipt: bool = False) -> SendResult:
@@ -69,6 +73,24 @@ class SendResult:
         cls, code: str | None, reason: str, *, retry_after: float | None = None
     ) -> SendResult:
         return cls(Outcome.RETRY, error_code=code, reason=reason, retry_after=retry_after)
+
+    @classmethod
+    def unavailable(
+        cls, code: str | None, reason: str, *, retry_after: float | None = None
+    ) -> SendResult:
+        """The channel cannot take any message now (a full disk, say): not this message's fault.
+
+        The engine pauses the channel's sends for `retry_after` seconds (a few by default) and
+        puts the message back in the queue; such attempts do not count against `max_attempts`
+        (the message's validity and the retry policy's `max_age` still apply).
+        """
+        return cls(
+            Outcome.RETRY,
+            error_code=code,
+            reason=reason,
+            retry_after=retry_after,
+            channel_down=True,
+        )
 
     @classmethod
     def failed(cls, code: str | None, reason: str) -> SendResult:
@@ -127,6 +149,35 @@ class ChannelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The rate limit's last check for the send under way, set by the engine around `Channel.send`
+#: for adapters that pace their own requests (see `Channel.paces_requests`).
+_PACER: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+    "dispatcher_pacer", default=None
+)
+
+
+@contextlib.contextmanager
+def pacing(admit: Callable[[], Awaitable[None]] | None) -> Iterator[None]:
+    """Within the block (one `send`), `pace()` awaits `admit`; the engine sets it."""
+    token = _PACER.set(admit)
+    try:
+        yield
+    finally:
+        _PACER.reset(token)
+
+
+async def pace() -> None:
+    """Wait until the request about to leave keeps the channel within its rate cap.
+
+    For adapters with `paces_requests = True`: call it once per provider request, as late as
+    possible before the request is written (after a connection is ready). Outside a send (a
+    reconcile lookup) it returns at once.
+    """
+    pacer = _PACER.get()
+    if pacer is not None:
+        await pacer()
+
+
 class Channel(ABC):
     """One configured channel. Subclasses set `settings_model` and `address_kind`."""
 
@@ -134,6 +185,12 @@ class Channel(ABC):
     address_kind: ClassVar[AddressKind] = "phone"
     #: True when the adapter can look a message up at the provider to settle an `unknown`.
     can_reconcile: ClassVar[bool] = False
+    #: True when `send` calls `pace()` right before its request leaves. The rate cap is counted
+    #: at the provider, and what happens between the engine's check and the request reaching
+    #: the wire (a new connection's handshake, building the request) varies from call to call;
+    #: an adapter that checks once its connection is ready keeps that variation out. Otherwise
+    #: the engine checks right before calling `send`.
+    paces_requests: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         self.name = name

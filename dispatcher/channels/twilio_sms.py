@@ -46,6 +46,7 @@ from dispatcher.channels.base import (
     Receipt,
     ReceiptStatus,
     SendResult,
+    pace,
 )
 from dispatcher.errors import ChannelError
 
@@ -334,6 +335,12 @@ _EXCHANGE: contextvars.ContextVar[_Exchange | None] = contextvars.ContextVar(
 )
 
 
+async def _pace_request(session: Any, context: Any, params: Any) -> None:
+    # A connection is ready (reused or just opened) and the request is written next, with no
+    # wait in between: the rate limit's last check belongs here (see Channel.paces_requests).
+    await pace()
+
+
 async def _note_request_sent(session: Any, context: Any, params: Any) -> None:
     exchange = _EXCHANGE.get()
     if exchange is not None:
@@ -363,6 +370,8 @@ class _SdkHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # untyped SD
     def __init__(self, *, timeout_s: float, max_connections: int) -> None:
         super().__init__(pool_connections=False, timeout=timeout_s, logger=_quiet_logger())
         trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_pace_request)
+        trace.on_connection_create_end.append(_pace_request)
         trace.on_request_headers_sent.append(_note_request_sent)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections),
@@ -411,6 +420,7 @@ class TwilioChannel(Channel):
     settings_model: ClassVar[type[ChannelSettings]] = TwilioSettings
     address_kind: ClassVar[AddressKind] = "phone"
     can_reconcile: ClassVar[bool] = True
+    paces_requests: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         if not isinstance(settings, TwilioSettings):

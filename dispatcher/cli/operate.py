@@ -15,6 +15,7 @@ from rich.table import Table
 from dispatcher import audit
 from dispatcher.cli.common import config_argument, console, load, run
 from dispatcher.config.loader import Config
+from dispatcher.engine import heap
 from dispatcher.engine.clock import SystemClock
 from dispatcher.engine.engine import Engine
 from dispatcher.errors import OperatorError
@@ -112,6 +113,7 @@ async def _send(cfg: Config, campaign_id: str, stage_id: str, wait: bool) -> Non
     out = console()
     try:
         await engine.start(send=wait)
+        heap.settle()
         result = await engine.fire(campaign, stage, firing, trigger="manual", wait=True)
         assert result.run_id is not None and result.materialised is not None
         m = result.materialised

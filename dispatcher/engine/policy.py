@@ -25,11 +25,17 @@ class RetryPolicy:
         now: datetime,
         retry_after: float | None,
         rng: random.Random,
+        counted: bool = True,
     ) -> datetime | None:
-        """The time of the next attempt, or None when the delivery should fail for good."""
-        if attempts >= self.max_attempts:
+        """The time of the next attempt, or None when the delivery should fail for good.
+
+        An attempt that is not `counted` (the channel was down) spends none of `max_attempts`;
+        the backoff and `max_age` still apply.
+        """
+        if counted and attempts >= self.max_attempts:
             return None
-        ceiling = min(self.cap.total_seconds(), self.base.total_seconds() * 2 ** (attempts - 1))
+        exponent = min(attempts - 1, 32)  # uncounted attempts may go on: keep 2**n small
+        ceiling = min(self.cap.total_seconds(), self.base.total_seconds() * 2**exponent)
         delay = rng.uniform(ceiling / 2, ceiling)
         if retry_after is not None:
             # The provider's Retry-After is a floor: sending earlier would be refused again.

@@ -21,18 +21,25 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from dispatcher.addresses import mask_address
-from dispatcher.channels.base import Channel, OutboundMessage, Outcome, SendResult
+from dispatcher.channels.base import Channel, OutboundMessage, Outcome, SendResult, pacing
 from dispatcher.config.models import SendWindow
 from dispatcher.engine.clock import Clock
 from dispatcher.engine.policy import RetryPolicy
 from dispatcher.engine.ratelimit import RateLimiter
 from dispatcher.engine.writer import DeliveryWriter
+from dispatcher.logs import first_line
 from dispatcher.plan import in_window, next_window_opening
 from dispatcher.store import queue
 from dispatcher.store.database import Database
 from dispatcher.store.tables import DeliveryStatus as S
 
 log = logging.getLogger("dispatcher.engine")
+
+#: How long a channel's sends pause when it reports itself unavailable without a Retry-After.
+CHANNEL_PAUSE_S = 5.0
+
+#: Sends under way per slot: the others wait for a slot or for their outcome's commit.
+PIPELINE_FACTOR = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +133,23 @@ class ChannelWorker:
         self.start_delay = start_delay
         self.stats = WorkerStats()
         self.wake = asyncio.Event()
+        # `concurrency` bounds the sends being paced, marked in flight or called. The commit of
+        # an outcome is waited for outside that slot, so the next send goes ahead meanwhile; the
+        # sends under way (slots plus outcomes being committed) have a bound of their own.
         self._slots = asyncio.Semaphore(concurrency)
+        self._room = asyncio.Semaphore(concurrency * PIPELINE_FACTOR)
         self._concurrency = concurrency
+        self._calling = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._pacing: set[asyncio.Task[Any]] = set()  # sends waiting for a rate-limit token
         self._rng = random.Random()
+        # Until when (monotonic) the channel said it cannot take messages: nothing is called.
+        self._paused_until = 0.0
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        """Provider calls in progress."""
+        return self._calling
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop` is set, then let in-flight sends finish."""
@@ -147,17 +162,25 @@ class ChannelWorker:
             try:
                 claimed = await self._claim()
             except Exception as exc:
-                log.warning("channel %s: cannot claim deliveries: %s", self.name, exc)
+                log.warning(
+                    "channel %s: cannot claim deliveries, will try again: %s",
+                    self.name,
+                    first_line(exc),
+                )
                 claimed = []
             if not claimed:
                 await self._idle(stop)
+                continue
+            if self._paused():
+                await self._release_all(claimed, self._resume_at())
+                await self._idle(stop, self._paused_until - self.clock.monotonic())
                 continue
             for delivery in claimed:
                 if stop.is_set():
                     # Not yet in flight: hand it straight back.
                     await self.writer.release(delivery.id, self.clock.now())
                     continue
-                await self._slots.acquire()
+                await self._room.acquire()
                 task = asyncio.create_task(self._deliver(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
@@ -179,27 +202,55 @@ class ChannelWorker:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._room.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("channel %s: send task failed: %r", self.name, task.exception())
 
-    async def _idle(self, stop: asyncio.Event) -> None:
+    async def _idle(self, stop: asyncio.Event, seconds: float | None = None) -> None:
         self.wake.clear()
         waiters = [
             asyncio.create_task(stop.wait()),
-            asyncio.create_task(self.wake.wait()),
-            asyncio.create_task(asyncio.sleep(self.clock.real_seconds(self.poll_interval))),
+            asyncio.create_task(
+                asyncio.sleep(self.clock.real_seconds(seconds or self.poll_interval))
+            ),
         ]
+        if seconds is None:  # new work wakes an idle worker, not a paused one
+            waiters.append(asyncio.create_task(self.wake.wait()))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
 
+    def _paused(self) -> bool:
+        return self.clock.monotonic() < self._paused_until
+
+    def _resume_at(self) -> datetime:
+        return self.clock.now() + timedelta(
+            seconds=max(0.0, self._paused_until - self.clock.monotonic())
+        )
+
+    def _pause(self, result: SendResult) -> None:
+        seconds = result.retry_after if result.retry_after is not None else CHANNEL_PAUSE_S
+        until = self.clock.monotonic() + seconds
+        if until > self._paused_until:
+            if not self._paused():
+                log.warning(
+                    "channel %s unavailable, sends paused for %.0fs: %s",
+                    self.name,
+                    seconds,
+                    result.reason,
+                )
+            self._paused_until = until
+
+    async def _release_all(self, claimed: list[queue.ClaimedDelivery], when: datetime) -> None:
+        for delivery in claimed:
+            await self.writer.release(delivery.id, when)
+
     async def _claim(self) -> list[queue.ClaimedDelivery]:
         # Claim no more than can be sent in a few seconds at the rate limit, so leases are not
         # held on rows that wait long for tokens, and other workers get their share.
-        room = self._concurrency * 2 - len(self._tasks)
+        room = self._concurrency * (PIPELINE_FACTOR + 1) - len(self._tasks)
         limit = max(1, min(self.batch_size, int(self.limiter.rate * 2) + 1, room))
         now = self.clock.now()
         async with self.db.engine.begin() as conn:
@@ -215,7 +266,17 @@ class ChannelWorker:
         return rows
 
     async def _deliver(self, delivery: queue.ClaimedDelivery) -> None:
-        info = await self.run_info(delivery.stage_run_id)
+        try:
+            info = await self.run_info(delivery.stage_run_id)
+        except Exception as exc:  # the database is unavailable: hand it back (the writer waits)
+            log.warning(
+                "channel %s: cannot look up stage run %s, will try again: %s",
+                self.name,
+                delivery.stage_run_id,
+                first_line(exc),
+            )
+            await self.writer.release(delivery.id, self.clock.now() + timedelta(seconds=1))
+            return
         now = self.clock.now()
         if info is None:
             await self.writer.release(delivery.id, now + timedelta(minutes=1))
@@ -228,53 +289,95 @@ class ChannelWorker:
             self.stats.deferred += 1
             await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
             return
+        called = await self._send(delivery, info)
+        if called is None:
+            return
+        result, started, latency_ms = called
+        self.stats.observe(result, latency_ms / 1000)
+        await self._record(delivery, info, result, started, latency_ms)
+
+    async def _send(
+        self, delivery: queue.ClaimedDelivery, info: RunInfo
+    ) -> tuple[SendResult, datetime, float] | None:
+        """Pace, mark in flight and call the provider in one of the `concurrency` slots.
+
+        None when the provider was not called (the delivery has been handed back or settled).
+        """
         current = asyncio.current_task()
         assert current is not None
         self._pacing.add(current)
         try:
-            await self.limiter.acquire()
+            await self._slots.acquire()
+            try:
+                await self.limiter.acquire()
+            except BaseException:
+                self._slots.release()
+                raise
         except asyncio.CancelledError:  # stopping (see run): not in flight, so back to the queue
             await self.writer.release(delivery.id, self.clock.now())
             raise
         finally:
             self._pacing.discard(current)
-        now = self.clock.now()
-        if not in_window(
-            info.window, info.tz, now
-        ):  # the wait for a token crossed the closing time
-            self.stats.deferred += 1
-            await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
-            return
-        state = await self.writer.mark_sending(delivery.id)
-        if state != "sending":
-            if state == "opted_out":
-                self.stats.suppressed += 1
-            return
-        message = OutboundMessage(
-            delivery_id=delivery.id,
-            address=delivery.address,
-            body=delivery.body,
-            campaign=info.campaign,
-            stage=info.stage,
-            subject=delivery.subject,
-            html=delivery.html,
-            encoding=delivery.encoding,
-            segments=delivery.segments,
-            valid_until=delivery.valid_until,
-        )
-        await self.limiter.admit()
+        try:
+            if self._paused():  # the channel said it cannot take messages: do not call it
+                self.stats.deferred += 1
+                await self.writer.release(delivery.id, self._resume_at())
+                return None
+            now = self.clock.now()
+            if not in_window(info.window, info.tz, now):  # the wait crossed the closing time
+                self.stats.deferred += 1
+                await self.writer.release(
+                    delivery.id, next_window_opening(info.window, info.tz, now)
+                )
+                return None
+            state = await self.writer.mark_sending(delivery.id)
+            if state != "sending":
+                if state == "opted_out":
+                    self.stats.suppressed += 1
+                return None
+            message = OutboundMessage(
+                delivery_id=delivery.id,
+                address=delivery.address,
+                body=delivery.body,
+                campaign=info.campaign,
+                stage=info.stage,
+                subject=delivery.subject,
+                html=delivery.html,
+                encoding=delivery.encoding,
+                segments=delivery.segments,
+                valid_until=delivery.valid_until,
+            )
+            return await self._call(delivery, info, message)
+        finally:
+            self._slots.release()
+
+    async def _call(
+        self, delivery: queue.ClaimedDelivery, info: RunInfo, message: OutboundMessage
+    ) -> tuple[SendResult, datetime, float] | None:
+        """Call the provider (None when pacing crossed the window or validity: not called)."""
+        paced_by_channel = self.channel.paces_requests
+        if not paced_by_channel:
+            await self.limiter.admit()
         started = self.clock.now()
         if not in_window(info.window, info.tz, started) or _expired(delivery, started):
             # Pacing crossed the closing time or the validity: the provider was not called, so
             # this process may undo its in-flight mark (a crash here leaves it `unknown`: safe).
             await self._undo_mark(delivery, info, started)
-            return
+            return None
+        admitted: list[datetime] = []
+
+        async def admit() -> None:
+            await self.limiter.admit()
+            admitted.append(self.clock.now())
+
         t0 = time.perf_counter()
+        self._calling += 1
         try:
             # A timeout scope, not wait_for: the call starts now, in this task, not one loop
             # iteration later in a new one (which would blur the pacing `admit` just did).
-            async with asyncio.timeout(self.send_timeout):
-                result = await self.channel.send(message)
+            with pacing(admit if paced_by_channel else None):
+                async with asyncio.timeout(self.send_timeout):
+                    result = await self.channel.send(message)
         except TimeoutError:
             result = SendResult.ambiguous("timeout", f"no answer within {self.send_timeout:.0f}s")
         except Exception as exc:  # an adapter bug must not lose the delivery: it may have gone out
@@ -285,9 +388,10 @@ class ChannelWorker:
                 mask_address(delivery.address),
             )
             result = SendResult.ambiguous("adapter-error", f"{type(exc).__name__}: {exc}")
-        latency_ms = (time.perf_counter() - t0) * 1000
-        self.stats.observe(result, latency_ms / 1000)
-        await self._record(delivery, info, result, started, latency_ms)
+        finally:
+            self._calling -= 1
+        # The attempt starts when its request was let go (the adapter's last pacing check).
+        return result, admitted[0] if admitted else started, (time.perf_counter() - t0) * 1000
 
     async def _undo_mark(
         self, delivery: queue.ClaimedDelivery, info: RunInfo, now: datetime
@@ -340,13 +444,18 @@ class ChannelWorker:
             policy = RetryPolicy(
                 info.max_attempts, self.policy.max_age, self.policy.base, self.policy.cap
             )
+            if result.channel_down:
+                self._pause(result)
             when = policy.next_try(
                 attempts=attempt_no,
                 created_at=delivery.created_at,
                 now=now,
                 retry_after=result.retry_after,
                 rng=self._rng,
+                counted=not result.channel_down,
             )
+            if result.channel_down and when is not None:
+                when = max(when, self._resume_at())
             if (
                 delivery.valid_until is not None
                 and when is not None

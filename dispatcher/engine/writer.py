@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dispatcher import audit
 from dispatcher.channels.base import Receipt, ReceiptStatus
 from dispatcher.engine.clock import Clock
+from dispatcher.logs import first_line
 from dispatcher.store import queue
 from dispatcher.store.database import Database
 
@@ -195,7 +196,7 @@ class DeliveryWriter:
                 await self._commit(batch)
                 return
             except (OperationalError, InterfaceError, OSError) as exc:
-                log.warning("database unavailable, retrying in %.1fs: %s", delay, _first_line(exc))
+                log.warning("database unavailable, retrying in %.1fs: %s", delay, first_line(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -264,8 +265,3 @@ def _changes(
     rows += [[i, "suppressed", "opted_out"] for i in sorted(opted)]
     rows += [[o.delivery_id, o.status, o.error_code or o.reason] for o in outcomes]
     return rows
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from dispatcher.config.loader import Config
 from dispatcher.engine.engine import Engine
 from dispatcher.errors import ConfigError, DispatcherError, Problem
-from dispatcher.logs import mask_text
+from dispatcher.logs import first_line, mask_text
 from dispatcher.server import metrics
 from dispatcher.server.twilio_hooks import TwilioHooks
 from dispatcher.store.database import Database
@@ -112,18 +112,13 @@ def _guarded(name: str, endpoint: Endpoint, http: metrics.HttpCounts) -> Endpoin
                 request.method,
                 request.url.path,
                 type(exc).__name__,
-                mask_text(_first_line(exc)),
+                mask_text(first_line(exc)),
             )
             response = PlainTextResponse("internal error\n", status_code=500)
         http.count(name, response.status_code)
         return response
 
     return guarded
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 # -- serving -------------------------------------------------------------------------------------

@@ -97,3 +97,24 @@ def test_next_try_is_in_the_future_within_bounds(
     if retry_after is not None:
         assert (when - now).total_seconds() >= retry_after
     assert (when - now).total_seconds() <= max(POLICY.cap.total_seconds(), retry_after or 0) + 1e-6
+
+
+def test_attempts_made_while_the_channel_was_down_spend_no_budget_but_age_still_counts() -> None:
+    rng = random.Random(1)
+    for attempts in (5, 6, 50, 10_000):  # at and far past max_attempts
+        when = POLICY.next_try(
+            attempts=attempts,
+            created_at=CREATED,
+            now=CREATED,
+            retry_after=None,
+            rng=rng,
+            counted=False,
+        )
+        assert when is not None and when - CREATED <= POLICY.cap
+    late = CREATED + POLICY.max_age
+    assert (
+        POLICY.next_try(
+            attempts=1, created_at=CREATED, now=late, retry_after=None, rng=rng, counted=False
+        )
+        is None
+    )
