@@ -2,7 +2,8 @@
 
 For dry runs, for handing messages to another system, and for tests. A message counts as
 accepted once its line is in the file (and on disk, with `fsync = true`); a disk that is full
-or not writable makes the send retry later, so nothing is lost while an operator fixes it.
+or not writable makes the send retry later, so nothing is lost while an operator fixes it;
+an outbox moved aside (rotated, archived) is noticed before the next write and created anew.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def os_error_result(exc: OSError, action: str) -> SendResult:
         advice = "a file stands where a directory is needed; the message will be retried"
     else:
         advice = "the message will be retried"
+    if exc.errno in _NO_SPACE:
+        # No message can be written until space is freed: the whole channel waits.
+        return SendResult.unavailable(code, f"outbox: cannot {action}: {detail}; {advice}")
     return SendResult.retry(code, f"outbox: cannot {action}: {detail}; {advice}")
 
 
@@ -244,10 +248,10 @@ class _OutboxFile:
         for _, line in lines:
             if self._max_bytes is not None and size + len(line) > self._max_bytes:
                 results.append(
-                    SendResult.retry(
+                    SendResult.unavailable(
                         FULL_CODE,
                         f"outbox: {self.path} would grow beyond max_bytes={self._max_bytes}; "
-                        "the message will be retried",
+                        "sends wait until there is room",
                     )
                 )
                 continue
@@ -289,7 +293,11 @@ class _OutboxFile:
 
     def _open(self) -> int:
         if self._fd is not None:
-            return self._fd
+            if self._still_at_path(self._fd):
+                return self._fd
+            # An operator moved or deleted the outbox (to archive it, to free a full disk):
+            # lines appended to the old file would land where no reader looks, or nowhere.
+            self._discard_fd()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -308,6 +316,15 @@ class _OutboxFile:
                     os.close(dir_fd)
         self._fd = fd
         return fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        """True while `fd` is the file the outbox path names (not moved, deleted or replaced)."""
+        try:
+            named = os.stat(self.path)
+            opened = os.fstat(fd)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
     def _discard_fd(self) -> None:
         fd, self._fd = self._fd, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dispatcher import audit
 from dispatcher.addresses import mask_address
@@ -27,10 +29,11 @@ from dispatcher.config.models import CampaignConfig, StageConfig
 from dispatcher.engine.clock import Clock
 from dispatcher.engine.materialise import Interrupted, MaterialiseResult, materialise
 from dispatcher.engine.policy import RetryPolicy
-from dispatcher.engine.ratelimit import WINDOW_MARGIN_S, RateLimiter
+from dispatcher.engine.ratelimit import RateLimiter
 from dispatcher.engine.worker import ChannelWorker, RunInfo
 from dispatcher.engine.writer import DeliveryWriter
 from dispatcher.errors import ChannelError, DispatcherError
+from dispatcher.logs import first_line
 from dispatcher.messages import stage_firing
 from dispatcher.plan import Firing, iter_firings
 from dispatcher.store import queue, runs, workers
@@ -112,12 +115,21 @@ class Engine:
         # their next housekeeping, and their last second of sends still counts against the
         # cap, so this one waits that long before it sends.
         heartbeat = self.config.root.engine.heartbeat.total_seconds()
-        start_delay = 2 * heartbeat + 1 + WINDOW_MARGIN_S if len(live) > 1 else 0.0
+        margin = max(
+            (c.rate_margin.total_seconds() for c in self.config.root.channels.values()),
+            default=0.0,
+        )
+        start_delay = 2 * heartbeat + 1 + margin if len(live) > 1 else 0.0
         if send:
             await self._open_channels()
             for name, channel in self.channels.items():
                 cfg = self.config.root.channels[name]
-                limiter = RateLimiter(cfg.rate, cfg.bucket_size, self.clock)
+                limiter = RateLimiter(
+                    cfg.rate,
+                    cfg.bucket_size,
+                    self.clock,
+                    margin_s=cfg.rate_margin.total_seconds(),
+                )
                 limiter.set_share(len(live))
                 worker = ChannelWorker(
                     name=name,
@@ -264,7 +276,8 @@ class Engine:
             return FireResult(existing["id"] if existing else None, created=False)
         log.info("firing %s/%s (%s, run %s)", campaign.id, stage.id, trigger, run_id)
         job = stage_firing(self.config, campaign, stage, firing)
-        coro = materialise(
+        start = functools.partial(
+            materialise,
             self.db,
             run_id,
             job,
@@ -276,21 +289,44 @@ class Engine:
             stopping=self._stop.is_set,
         )
         if wait:
-            result = await coro
+            result = await start()
             self._wake_workers()
             return FireResult(run_id, True, result)
-        task = asyncio.create_task(self._background(coro), name=f"materialise-{run_id}")
+        task = asyncio.create_task(self._background(run_id, start), name=f"materialise-{run_id}")
         self._materialising.add(task)
         task.add_done_callback(self._materialising.discard)
         return FireResult(run_id, True)
 
-    async def _background(self, coro: Awaitable[MaterialiseResult]) -> None:
+    async def _background(
+        self, run_id: int, start: Callable[[], Awaitable[MaterialiseResult]]
+    ) -> None:
+        # A locked or restarting database interrupts a materialisation: every batch commits
+        # with its checkpoint, so starting again resumes where it stopped, and the unique
+        # (run, channel, address) key keeps a batch that did commit from being added twice.
+        delay = 0.5
         try:
-            await coro
-        except (runs.LostLease, Interrupted):
-            pass
-        except DispatcherError as exc:
-            log.error("materialisation failed: %s", exc)
+            while True:
+                try:
+                    await start()
+                    return
+                except (runs.LostLease, Interrupted):
+                    return
+                except DispatcherError as exc:
+                    log.error("materialisation failed: %s", exc)
+                    return
+                except (OperationalError, InterfaceError, OSError) as exc:
+                    log.warning(
+                        "materialisation of run %s interrupted (database unavailable), "
+                        "resuming from its checkpoint in %.1fs: %s",
+                        run_id,
+                        delay,
+                        first_line(exc),
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    return  # stop() hands the run over; the next worker resumes it
+                delay = min(delay * 2, 5.0)
         finally:
             self._wake_workers()
 
@@ -397,7 +433,7 @@ class Engine:
             try:
                 await self.housekeep()
             except Exception as exc:  # the database may be briefly unavailable: try again later
-                log.warning("housekeeping failed: %s", exc)
+                log.warning("housekeeping failed, will try again: %s", first_line(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.clock.real_seconds(interval))
 
@@ -460,7 +496,8 @@ class Engine:
         log.info("resuming materialisation of run %s from line %s", run_id, run["checkpoint_line"])
         firing = Firing(campaign.id, stage.id, run["fire_time"], run["firing_index"])
         job = stage_firing(self.config, campaign, stage, firing)
-        coro = materialise(
+        start = functools.partial(
+            materialise,
             self.db,
             run_id,
             job,
@@ -470,7 +507,7 @@ class Engine:
             on_batch=self._wake_workers,
             stopping=self._stop.is_set,
         )
-        task = asyncio.create_task(self._background(coro), name=f"materialise-{run_id}")
+        task = asyncio.create_task(self._background(run_id, start), name=f"materialise-{run_id}")
         self._materialising.add(task)
         task.add_done_callback(self._materialising.discard)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -35,16 +37,39 @@ def _driver_urls(url: str) -> tuple[str, str]:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers run beside the writer; the busy timeout makes a second process wait for
-    # the lock instead of failing; autocommit mode lets us issue BEGIN IMMEDIATE ourselves.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+def _busy_timeout_ms(url: URL) -> int:
+    """SQLite's busy timeout in ms: the URL's `timeout` (seconds, as SQLAlchemy has it), or 30 s."""
+    raw = url.query.get("timeout")
+    if raw is None:
+        return SQLITE_BUSY_TIMEOUT_MS
+    text = raw if isinstance(raw, str) else raw[-1]
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise StorageError(
+            f"database URL: timeout={text!r} must be a number of seconds, e.g. ?timeout=30"
+        )
+    return round(seconds * 1000)
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    """The connect hook that sets up each SQLite connection, waiting `busy_timeout_ms` for locks."""
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # WAL lets readers run beside the writer; the busy timeout makes a second process wait
+        # for the lock instead of failing; autocommit mode lets us issue BEGIN IMMEDIATE
+        # ourselves.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
 
 
 def _sqlite_begin(conn: Any) -> None:
@@ -80,7 +105,8 @@ class Database:
             # One connection per process: SQLite has a single writer anyway, and one connection
             # turns in-process lock contention into an orderly queue.
             engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=300)
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            pragmas = _sqlite_pragmas(_busy_timeout_ms(parsed))
+            event.listen(engine.sync_engine, "connect", pragmas)
             event.listen(engine.sync_engine, "begin", _sqlite_begin)
         else:
             engine = create_async_engine(
@@ -130,7 +156,7 @@ def upgrade_sync(sync_url: str) -> None:
     cfg.set_main_option("sqlalchemy.url", sync_url.replace("%", "%%"))
     engine = create_engine(sync_url, poolclass=NullPool)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(_busy_timeout_ms(engine.url)))
     try:
         with engine.begin() as connection:
             if engine.dialect.name == "postgresql":
