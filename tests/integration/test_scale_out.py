@@ -8,29 +8,38 @@ SIGKILL. The survivors settle its leases (claimed rows back to the queue, rows i
 the provider: no recipient twice, every delivery accounted for, and no 1 s window above the
 channel's rate cap, although three processes shared it and then two.
 
+The daemons' own record of every call's start (`attempts.started_at`, taken as the request
+leaves, after the rate limit's last check) is checked against the cap as well: that is what the
+dispatcher controls. The fake stamps a message when its handler starts, which adds the fake's own
+scheduling delays on a busy machine; the channel's `rate_margin` is the room for that.
+
 Skipped with a reason when no server is configured (DISPATCHER_TEST_PG_URL), unless
-DISPATCHER_REQUIRE_PG=1, which turns the skip into a failure. The default run sends 6,000
-messages, the other 20,000. Both are marked slow (`make soak`), outside CI for now: on a
-2-core machine saturated by three daemons, PostgreSQL and the fake, the busiest provider-side
-second around the kill still holds 1-5 messages over the cap (e.g. 405 at 400/s); no duplicates
-and full accounting held in every run. Open in the scale-out issue.
+DISPATCHER_REQUIRE_PG=1, which turns the skip into a failure (as in CI).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import psycopg
 import pytest
 
-from tests.conftest import REPO, local_now, sliding_max, wait_for, write_config
+from tests.conftest import local_now, sliding_max, wait_for, write_config
+from tests.peers.processes import (
+    Process,
+    count_records,
+    process_env,
+    read_records,
+    start_twilio,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -39,78 +48,6 @@ TOKEN = "scale-out-token"
 SENDER = "+15005550006"
 RATE = 400  # messages per second for the whole channel, across every daemon
 DAEMONS = 3
-
-
-def _env(database_url: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "TWILIO_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    if database_url is not None:
-        env["DISPATCHER_DATABASE_URL"] = database_url
-    return env
-
-
-class Process:
-    """A subprocess with its output in files (no pipe can fill up), stopped on close."""
-
-    def __init__(
-        self, args: list[str], cwd: Path, name: str, env: dict[str, str], logs: Path
-    ) -> None:
-        self.name = name
-        self.stdout_path = logs / f"{name}.out"
-        self.stderr_path = logs / f"{name}.err"
-        self._out: IO[bytes] = self.stdout_path.open("wb")
-        self._err: IO[bytes] = self.stderr_path.open("wb")
-        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._out, stderr=self._err)
-
-    @property
-    def output(self) -> str:
-        return self.stdout_path.read_text(
-            encoding="utf-8", errors="replace"
-        ) + self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, sig: int, timeout: float = 60) -> int:
-        """Send `sig` and wait for the exit status."""
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self._out.close()
-        self._err.close()
-
-
-def start_twilio(tmp_path: Path, record: Path) -> tuple[Process, int]:
-    """The Twilio-compatible fake as a subprocess; returns it and its port."""
-    fake = Process(
-        [
-            sys.executable,
-            "-m",
-            "tests.peers.twilio_server",
-            "--port",
-            "0",
-            "--print-port",
-            "--account",
-            f"{SID}:{TOKEN}",
-            "--record",
-            str(record),
-        ],
-        cwd=REPO,  # so that `tests.peers` imports
-        name="twilio",
-        env=_env(),
-        logs=tmp_path,
-    )
-    wait_for(
-        lambda: fake.stdout_path.read_text().strip() != "" or not fake.alive(),
-        30,
-        "the Twilio fake to print its port",
-    )
-    assert fake.alive(), f"the Twilio fake exited early:\n{fake.output}"
-    return fake, int(fake.stdout_path.read_text().split()[0])
 
 
 def write_scale_config(tmp_path: Path, *, recipients: int, api_base: str) -> Path:
@@ -123,6 +60,9 @@ def write_scale_config(tmp_path: Path, *, recipients: int, api_base: str) -> Pat
         channel={
             "type": "twilio",
             "rate": RATE,
+            # Room for the fake's own delay in stamping arrivals on this saturated machine
+            # (see the module docstring): what an operator sets for a jittery path.
+            "rate_margin": "100ms",
             "concurrency": 20,
             "account_sid": SID,
             "auth_token": TOKEN,
@@ -141,29 +81,12 @@ def write_scale_config(tmp_path: Path, *, recipients: int, api_base: str) -> Pat
     return config
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The fake's complete record lines (a line still being written is left out)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def count_records(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
-
-
 def status(config: Path, database_url: str) -> list[dict[str, Any]]:
     """`dispatcher status CONFIG --json`: one object per stage run."""
     done = subprocess.run(
         [sys.executable, "-m", "dispatcher.cli.main", "status", str(config), "--json"],
         cwd=config.parent,
-        env=_env(database_url),
+        env=process_env(database_url),
         capture_output=True,
         text=True,
         timeout=60,
@@ -188,7 +111,7 @@ def scale_out(tmp_path: Path, database_url: str, recipients: int) -> None:
     record = tmp_path / "received.jsonl"
     processes: list[Process] = []
     try:
-        fake, port = start_twilio(tmp_path, record)
+        fake, port = start_twilio(tmp_path, record, sid=SID, token=TOKEN)
         processes.append(fake)
         config = write_scale_config(
             tmp_path, recipients=recipients, api_base=f"http://127.0.0.1:{port}"
@@ -198,7 +121,7 @@ def scale_out(tmp_path: Path, database_url: str, recipients: int) -> None:
                 [sys.executable, "-m", "dispatcher.cli.main", "run", str(config), "--no-server"],
                 cwd=tmp_path,
                 name=f"daemon{i}",
-                env=_env(database_url),
+                env=process_env(database_url),
                 logs=tmp_path,
             )
             for i in range(DAEMONS)
@@ -222,6 +145,7 @@ def scale_out(tmp_path: Path, database_url: str, recipients: int) -> None:
         victim, survivors = daemons[0], daemons[1:]
         victim.process.kill()
         victim.process.wait(timeout=30)
+        killed_at = time.time()
 
         wait_for(
             lambda: settled(status(config, database_url), recipients),
@@ -249,15 +173,35 @@ def scale_out(tmp_path: Path, database_url: str, recipients: int) -> None:
     assert not twice, f"{len(twice)} recipients got the message more than once"
     assert by_status["sent"] == len(received), (by_status, len(received))
     assert set(to_counts) == {f"+{8613900000000 + i}" for i in range(recipients)}
+    calls = call_times(database_url)
+    busiest = sliding_max([t for t, _ in calls], width=1.0)
+    assert busiest <= RATE, (
+        f"the daemons started {busiest} calls within one second {busiest_window(calls)}; "
+        f"the kill was {killed_at - calls[0][0]:.2f} s after the first call"
+    )
     busiest = sliding_max([r["received_at"] for r in received], width=1.0)
     assert busiest <= RATE, f"{busiest} messages reached the provider within one second"
 
 
-@pytest.mark.slow  # not in CI yet: see the module docstring
+def call_times(database_url: str) -> list[tuple[float, str]]:
+    """When each provider call left (epoch seconds) and which daemon made it, sorted."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT started_at, worker FROM attempts").fetchall()
+    return sorted((started.timestamp(), worker) for started, worker in rows)
+
+
+def busiest_window(calls: list[tuple[float, str]]) -> str:
+    """Where the busiest 1 s window of `calls` starts and how many calls each daemon made in it."""
+    best, start, j = 0, 0, 0
+    for i, (t, _) in enumerate(calls):
+        while j < len(calls) and calls[j][0] < t + 1.0:
+            j += 1
+        if j - i > best:
+            best, start = j - i, i
+    t0 = calls[start][0]
+    by_worker = Counter(w for t, w in calls[start:] if t < t0 + 1.0)
+    return f"at {t0 - calls[0][0]:.2f} s after the first call: {dict(by_worker)}"
+
+
 def test_three_daemons_one_killed(tmp_path: Path, pg_url: str) -> None:
-    scale_out(tmp_path, pg_url, recipients=6_000)
-
-
-@pytest.mark.slow
-def test_three_daemons_one_killed_20000(tmp_path: Path, pg_url: str) -> None:
     scale_out(tmp_path, pg_url, recipients=20_000)
