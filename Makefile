@@ -43,14 +43,11 @@ unit: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
-## Benchmarks: run by hand, figures go into the closing notes (never timed assertions).
+## Benchmarks: run by hand, never timed assertions. Writes bench/RESULTS.md (medians of 3 runs;
+## PostgreSQL scale-out only with DISPATCHER_TEST_PG_URL set). `BENCH_ARGS=--quick` for a smoke check.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python bench/bench_engine.py
-	$(BIN)/python bench/bench_twilio.py --recipients 100000 --runs 3
-	$(BIN)/python bench/bench_audience_memory.py --rows 10000
-	$(BIN)/python bench/bench_audience_memory.py --rows 1000000
-	@if [ -n "$$DISPATCHER_TEST_PG_URL" ]; then $(BIN)/python bench/bench_scale.py; \
-	else echo "bench_scale.py skipped: set DISPATCHER_TEST_PG_URL to a PostgreSQL database"; fi
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
