@@ -1,14 +1,15 @@
 """Benchmark: send rate of one `dispatcher run` process versus three, on one PostgreSQL database.
 
     DISPATCHER_TEST_PG_URL=postgresql://... .venv/bin/python bench/bench_scale.py \\
-        [--recipients 20000] [--latency-ms 50] [--concurrency 10] [--provider twilio] [--json]
+        [--recipients 10000] [--latency-ms 100] [--concurrency 10] [--provider twilio] [--json]
 
 The provider is not the limit: the Twilio-compatible fake (a separate process) or the
 simulator channel answers every request after `--latency-ms`, the channel's rate cap is
 100,000/s, and each worker sends at most `--concurrency` messages at once, so a worker's
-ceiling is concurrency / latency (200/s with the defaults) and more workers should send more.
-The default concurrency keeps three workers, PostgreSQL and the fake within two cores: at 20 per
-worker this machine's CPU, not the design, becomes the limit of the three-worker phase.
+ceiling is concurrency / latency (100/s with the defaults: 100 ms is a realistic provider round
+trip) and more workers should send more. The default concurrency keeps three workers,
+PostgreSQL and the fake within two cores: at 20 per worker and 50 ms this machine's CPU, not the
+design, becomes the limit of the three-worker phase.
 Each phase gets a fresh database (created on the server at DISPATCHER_TEST_PG_URL, dropped
 afterwards) and a stage set to fire a little after every daemon is up, so the newcomers'
 start delay is not measured. The rate is sent messages over the time from the first send to
@@ -279,8 +280,8 @@ def phase(args: argparse.Namespace, workers: int, channel: str, work: Path) -> P
 def main() -> None:
     """Measure one worker, then three, and print both rates and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipients", type=int, default=20_000)
-    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--recipients", type=int, default=10_000)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--concurrency", type=int, default=10, help="per worker")
     parser.add_argument("--provider", choices=("twilio", "simulator"), default="twilio")
     parser.add_argument("--pg-url", default=os.environ.get("DISPATCHER_TEST_PG_URL"))
@@ -308,7 +309,13 @@ def main() -> None:
     one, three = results
     ratio = three.rate / one.rate
     if args.json:
-        print(json.dumps({"phases": [asdict(p) for p in results], "ratio": round(ratio, 2)}))
+        settings = {
+            "provider": args.provider,
+            "latency_ms": args.latency_ms,
+            "concurrency": args.concurrency,
+            "recipients": args.recipients,
+        }
+        print(json.dumps({**settings, "phases": [asdict(p) for p in results], "ratio": ratio}))
         return
     ceiling = args.concurrency / (args.latency_ms / 1000)
     print(

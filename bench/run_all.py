@@ -468,8 +468,10 @@ def scale_section(opts: Options, section: Section) -> None:
         "",
         f"Method: {num(recipients)} recipients, `dispatcher run` processes on one fresh "
         "PostgreSQL database per phase, the `twilio` channel to the Twilio-compatible fake "
-        "(50 ms latency, concurrency 20 per worker, cap 100,000/s: the per-worker ceiling is "
-        "400/s, so more workers should send more). The rate is sent messages over the time "
+        f"({float(need(report, 'latency_ms')):.0f} ms latency, concurrency "
+        f"{need(report, 'concurrency')} per worker, cap 100,000/s: the per-worker ceiling is "
+        f"{int(need(report, 'concurrency')) / float(need(report, 'latency_ms')) * 1000:.0f}/s, "
+        "so more workers should send more). The rate is sent messages over the time "
         "from the first `sent_at` to the last. bench_scale.py has no `--runs`: it is repeated "
         "from here, and the ratio is taken within each repetition.",
     ]
