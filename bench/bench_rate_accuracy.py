@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from fake_twilio import twilio_fake
 
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNT = "AC" + "1a" * 16
@@ -47,48 +43,6 @@ SENDER = "+15005550006"
 WINDOW_S = 1.0
 # The figures of one run that get a median across runs.
 FIGURES = ("steady_rate", "deviation_pct", "max_window", "engine_max_window", "total_s", "engine_s")
-
-
-@contextmanager
-def twilio_fake(latency_ms: float, record: Path) -> Iterator[str]:
-    """Start the Twilio-compatible fake recording to `record`; yield its base URL.
-
-    Stopped with SIGTERM, so its record file is flushed and closed when this exits.
-    """
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.peers.twilio_server",
-            "--port",
-            "0",
-            "--print-port",
-            "--account",
-            f"{ACCOUNT}:{TOKEN}",
-            "--latency-ms",
-            str(latency_ms),
-            "--record",
-            str(record),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.strip():
-            raise SystemExit(f"bench_rate_accuracy: the Twilio fake exited ({proc.wait(10)})")
-        # The fake stamps arrivals in user space: on two busy cores it would stamp late and in
-        # bunches. A provider's front end is not starved by its clients: first call on the CPU
-        # where this process may grant it (as root).
-        with contextlib.suppress(PermissionError):
-            os.setpriority(os.PRIO_PROCESS, proc.pid, -10)
-        yield f"http://127.0.0.1:{int(line)}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def write_config(
@@ -270,7 +224,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-rate-") as tmp:
         folder = Path(tmp)
         record = folder / "received.jsonl"
-        with twilio_fake(args.latency_ms, record) as base_url:
+        with twilio_fake(ACCOUNT, TOKEN, latency_ms=args.latency_ms, record=record) as base_url:
             config = write_config(
                 folder,
                 base_url,

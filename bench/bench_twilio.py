@@ -22,17 +22,14 @@ import asyncio
 import base64
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+from fake_twilio import twilio_fake
 
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNT = "AC" + "0" * 31 + "7"
@@ -50,36 +47,6 @@ def address(index: int) -> str:
 def body(index: int) -> str:
     """Return the body the stage's template renders for recipient `index`."""
     return f"{TEMPLATE_PREFIX}r{index}您好"
-
-
-@contextmanager
-def twilio_server(latency_ms: float) -> Iterator[str]:
-    """Start the Twilio-compatible server as a subprocess; yield its base URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.peers.twilio_server",
-            "--port",
-            "0",
-            "--print-port",
-            "--account",
-            f"{ACCOUNT}:{TOKEN}",
-            "--latency-ms",
-            str(latency_ms),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def write_config(folder: Path, base_url: str, recipients: int, concurrency: int) -> Path:
@@ -302,19 +269,19 @@ def main() -> None:
     for _ in range(args.runs):
         # One run = every measurement once, each against a fresh server; the ratios are taken
         # within the run, then their median is reported.
-        with twilio_server(0) as url:
+        with twilio_fake(ACCOUNT, TOKEN) as url:
             samples["bare_aiohttp"].append(asyncio.run(bare_rate(url, n, args.concurrency)))
-        with twilio_server(0) as url:
+        with twilio_fake(ACCOUNT, TOKEN) as url:
             samples["bare_sdk"].append(asyncio.run(sdk_bare_rate(url, n, args.concurrency)))
-        with twilio_server(0) as url:
+        with twilio_fake(ACCOUNT, TOKEN) as url:
             run = asyncio.run(dispatcher_rate(url, n, args.concurrency))
         samples["dispatcher"].append(run.rate)
         samples["dispatcher_end_to_end"].append(run.end_to_end)
         samples["materialise_rows_per_s"].append(n / run.materialise_s)
         samples["commits"].append(run.commits)
-        with twilio_server(args.latency_ms) as url:
+        with twilio_fake(ACCOUNT, TOKEN, latency_ms=args.latency_ms) as url:
             samples["sdk_sync"].append(sdk_rate(url, min(SDK_RECIPIENTS, n_latency)))
-        with twilio_server(args.latency_ms) as url:
+        with twilio_fake(ACCOUNT, TOKEN, latency_ms=args.latency_ms) as url:
             samples["dispatcher_100ms"].append(
                 asyncio.run(dispatcher_rate(url, n_latency, args.concurrency)).rate
             )
