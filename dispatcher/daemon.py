@@ -7,9 +7,10 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dispatcher import audit
 from dispatcher.config.loader import Config
@@ -17,6 +18,7 @@ from dispatcher.config.models import CampaignConfig, StageConfig
 from dispatcher.engine import heap
 from dispatcher.engine.clock import SystemClock
 from dispatcher.engine.engine import Engine
+from dispatcher.logs import first_line
 from dispatcher.plan import build_trigger, latest_firing
 from dispatcher.store.database import Database
 
@@ -105,10 +107,39 @@ class Daemon:
         firing = latest_firing(campaign, stage, self.clock.now())
         if firing is None:
             return
-        try:
-            await self.engine.fire(campaign, stage, firing, trigger="scheduled", wait=False)
-        except Exception as exc:  # a failed firing must not stop the scheduler
-            log.error("firing %s/%s failed: %s", campaign.id, stage.id, exc)
+        # A database that is restarting or locked when a firing comes due is waited out (the
+        # firing is idempotent by its key), for as long as the stage's grace allows.
+        deadline = firing.at + stage.grace
+        delay = 1.0
+        while True:
+            try:
+                await self.engine.fire(campaign, stage, firing, trigger="scheduled", wait=False)
+                return
+            except (OperationalError, InterfaceError, OSError) as exc:
+                if self.clock.now() + timedelta(seconds=delay) > deadline:
+                    log.error(
+                        "firing %s/%s at %s failed, its grace is over: %s",
+                        campaign.id,
+                        stage.id,
+                        firing.at.isoformat(),
+                        first_line(exc),
+                    )
+                    return
+                log.warning(
+                    "firing %s/%s waits for the database, trying again in %.0fs: %s",
+                    campaign.id,
+                    stage.id,
+                    delay,
+                    first_line(exc),
+                )
+            except Exception as exc:  # a failed firing must not stop the scheduler
+                log.error("firing %s/%s failed: %s", campaign.id, stage.id, first_line(exc))
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), delay)
+            if self.stop_requested.is_set():
+                return  # a restart's catch-up fires it, within its grace
+            delay = min(delay * 2, 30.0)
 
     def _request_stop(self, name: str) -> None:
         log.info("%s received", name)

@@ -6,7 +6,7 @@ at a modest rate (so the blast lasts several seconds), and breaks its storage in
 - SQLite busy: another connection holds `BEGIN EXCLUSIVE` on the database for several times
   the daemon's busy timeout (shortened to 1 s through the URL's `?timeout=1`, so the lock
   really outlasts it), then lets go: once while the audience is being materialised, once in
-  the middle of the sends.
+  the middle of the sends; and in another test, while the stage comes due (the firing waits).
 - PostgreSQL restart: a private cluster (initdb + pg_ctl into a temp dir, never the shared
   server other tests use) is stopped in the middle of the blast and started again.
 - A full outbox: the file channel's `max_bytes` stands in for a full disk (a real small
@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,6 +48,7 @@ from dispatcher.channels.outbox import outbox_line
 from tests.conftest import (
     Daemon,
     database_file,
+    local_now,
     phone_numbers,
     run_cli,
     wait_for,
@@ -73,11 +74,13 @@ def outbox_config(
     max_bytes: int | None = None,
     engine: dict[str, Any] | None = None,
     concurrency: int = 5,
+    at: datetime | None = None,
 ) -> Path:
     """The conftest campaign, sent through a `file` channel at `rate`, on `database`."""
     config = write_config(
         tmp_path,
         recipients=recipients,
+        at=at,
         stage={"grace": "1d"},
         channel={
             "type": "file",
@@ -276,6 +279,45 @@ def test_sqlite_locked_mid_blast_is_waited_out(tmp_path: Path) -> None:
         (recipients, recipients, "ready")
     ]
     assert "database is locked" in db_warnings(daemon)[0]
+    assert_clean_output(daemon)
+
+
+def test_sqlite_locked_when_a_firing_comes_due_is_waited_out(tmp_path: Path) -> None:
+    # The stage comes due while another process holds the database: the daemon cannot record
+    # the firing, says so, and fires it once the lock is gone (within the stage's grace).
+    recipients = 300
+    at = (local_now() + timedelta(seconds=20)).replace(microsecond=0)
+    config = outbox_config(
+        tmp_path,
+        recipients=recipients,
+        rate=1000,
+        concurrency=20,
+        database="sqlite:///var/dispatcher.db?timeout=1",
+        at=at,
+    )
+    store = Store(config)
+    daemon = Daemon(config)
+    try:
+        daemon.wait_running()
+        with exclusive_lock(config) as locker:
+            assert locker.execute("SELECT COUNT(*) FROM stage_runs").fetchall() == [(0,)], (
+                "the daemon took longer to start than the stage's lead: make the lead longer"
+            )
+            wait_for(
+                lambda: "firing drill/blast waits for the database" in daemon.output,
+                30,
+                "the firing to come due and wait",
+            )
+            hold(3)
+            assert daemon.process.poll() is None, daemon.output
+            assert outbox_count(tmp_path) == 0
+        wait_for(store.settled, 40, "the firing and its sends after the lock", 0.25)
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.output
+    finally:
+        daemon.close()
+
+    assert_each_recipient_once(tmp_path, config, store, recipients)
+    assert store.rows("SELECT COUNT(*) FROM stage_runs") == [(1,)]
     assert_clean_output(daemon)
 
 
