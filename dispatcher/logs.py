@@ -66,5 +66,14 @@ def configure(fmt: str = "human", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     # Libraries chatter at INFO (every HTTP request, every job run): keep them at WARNING.
-    for noisy in ("apscheduler", "httpx", "twilio", "aiosqlite", "uvicorn.access", "smpplib"):
+    noisy_loggers = (
+        "apscheduler",
+        "httpx",
+        "twilio",
+        "aiosqlite",
+        "uvicorn.access",
+        "smpplib",
+        "alembic.runtime.plugins",  # a line per plugin at every start
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -8,13 +8,15 @@ import traceback
 from typing import Any
 
 import click
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dispatcher import __version__
 from dispatcher.cli import audit as audit_commands
 from dispatcher.cli import db as db_commands
 from dispatcher.cli import inspect, operate, report
 from dispatcher.cli import optout as optout_commands
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, StorageError
+from dispatcher.logs import first_line
 
 
 class Group(click.Group):
@@ -31,6 +33,11 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (OperationalError, InterfaceError) as exc:
+            # The database is locked, restarting or unreachable: not a bug, and nothing that
+            # was recorded is lost; the command (or systemd, for the daemon) can try again.
+            click.echo(f"error: database unavailable: {first_line(exc.orig or exc)}", err=True)
+            sys.exit(StorageError.exit_code)
         except Exception as exc:  # a bug: one line for the operator, the trace only on request
             if os.environ.get("DISPATCHER_DEBUG"):
                 traceback.print_exc()

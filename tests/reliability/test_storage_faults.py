@@ -321,6 +321,18 @@ def test_sqlite_locked_when_a_firing_comes_due_is_waited_out(tmp_path: Path) -> 
     assert_clean_output(daemon)
 
 
+def test_daemon_started_on_a_locked_database_stops_with_a_clear_message(tmp_path: Path) -> None:
+    config = outbox_config(
+        tmp_path, recipients=10, rate=10, database="sqlite:///var/dispatcher.db?timeout=1"
+    )
+    assert run_cli("db", "upgrade", str(config)).returncode == 0
+    with exclusive_lock(config):
+        done = run_cli("run", "--no-server", str(config), timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: database unavailable: database is locked"
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 # -- 2. PostgreSQL restart -----------------------------------------------------------------------
 
 
