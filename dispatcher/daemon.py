@@ -66,14 +66,16 @@ class Daemon:
                     "sources": [str(p) for p in self.config.sources],
                 },
             )
+            await self._until_database_answers(
+                "catching up", lambda: self.engine.catch_up(self.clock.now())
+            )
+            self._schedule()
+            self.scheduler.start()
             log.info(
                 "dispatcher running as %s (config %s…)",
                 self.engine.worker_id,
                 self.config.digest[:12],
             )
-            await self.engine.catch_up(self.clock.now())
-            self._schedule()
-            self.scheduler.start()
             await self.stop_requested.wait()
         finally:
             log.info("stopping: no new claims, waiting for in-flight sends")
@@ -107,38 +109,49 @@ class Daemon:
         firing = latest_firing(campaign, stage, self.clock.now())
         if firing is None:
             return
-        # A database that is restarting or locked when a firing comes due is waited out (the
-        # firing is idempotent by its key), for as long as the stage's grace allows.
-        deadline = firing.at + stage.grace
+        # Idempotent by the firing's key, so trying again is safe; a firing tried again past
+        # its grace would no longer be a catch-up the operator asked for.
+        label = f"firing {campaign.id}/{stage.id} at {firing.at.isoformat()}"
+        try:
+            await self._until_database_answers(
+                label,
+                lambda: self.engine.fire(campaign, stage, firing, trigger="scheduled", wait=False),
+                deadline=firing.at + stage.grace,
+            )
+        except Exception as exc:  # a failed firing must not stop the scheduler
+            log.error("%s failed: %s", label, first_line(exc))
+
+    async def _until_database_answers(
+        self,
+        what: str,
+        action: Callable[[], Awaitable[object]],
+        *,
+        deadline: datetime | None = None,
+    ) -> None:
+        """Run `action`, waiting out a locked or restarting database (one warning line a try).
+
+        Gives up (with an error line) once `deadline` has passed, and quietly when the daemon
+        is stopping: what was not done is left to the next start's catch-up.
+        """
         delay = 1.0
         while True:
             try:
-                await self.engine.fire(campaign, stage, firing, trigger="scheduled", wait=False)
+                await action()
                 return
             except (OperationalError, InterfaceError, OSError) as exc:
-                if self.clock.now() + timedelta(seconds=delay) > deadline:
-                    log.error(
-                        "firing %s/%s at %s failed, its grace is over: %s",
-                        campaign.id,
-                        stage.id,
-                        firing.at.isoformat(),
-                        first_line(exc),
-                    )
+                if deadline is not None and self.clock.now() + timedelta(seconds=delay) > deadline:
+                    log.error("%s: database unavailable past its grace: %s", what, first_line(exc))
                     return
                 log.warning(
-                    "firing %s/%s waits for the database, trying again in %.0fs: %s",
-                    campaign.id,
-                    stage.id,
+                    "%s waits for the database, trying again in %.0fs: %s",
+                    what,
                     delay,
                     first_line(exc),
                 )
-            except Exception as exc:  # a failed firing must not stop the scheduler
-                log.error("firing %s/%s failed: %s", campaign.id, stage.id, first_line(exc))
-                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_requested.wait(), delay)
             if self.stop_requested.is_set():
-                return  # a restart's catch-up fires it, within its grace
+                return
             delay = min(delay * 2, 30.0)
 
     def _request_stop(self, name: str) -> None:

@@ -59,6 +59,7 @@ OUTBOX = "outbox/sms.jsonl"
 # A log record starts with its time ("2010-08-31 09:00:00,000 WARNING …"): any other line on
 # stdout is the tail of a multi-line message or a traceback, which an operator must not get.
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)")
+FIRING_WAITS = re.compile(r"WARNING .*firing drill/blast at \S+ waits for the database")
 DB_WARNING = re.compile(r"WARNING .*database unavailable, retrying", re.IGNORECASE)
 
 
@@ -303,11 +304,14 @@ def test_sqlite_locked_when_a_firing_comes_due_is_waited_out(tmp_path: Path) -> 
             assert locker.execute("SELECT COUNT(*) FROM stage_runs").fetchall() == [(0,)], (
                 "the daemon took longer to start than the stage's lead: make the lead longer"
             )
-            wait_for(
-                lambda: "firing drill/blast waits for the database" in daemon.output,
-                30,
-                "the firing to come due and wait",
-            )
+            try:
+                wait_for(
+                    lambda: FIRING_WAITS.search(daemon.output) is not None,
+                    30,
+                    "the firing to come due and wait",
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the daemon said:\n{daemon.output[-3000:]}") from exc
             hold(3)
             assert daemon.process.poll() is None, daemon.output
             assert outbox_count(tmp_path) == 0
