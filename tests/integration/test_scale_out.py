@@ -61,8 +61,10 @@ def write_scale_config(tmp_path: Path, *, recipients: int, api_base: str) -> Pat
             "type": "twilio",
             "rate": RATE,
             # Room for the fake's own delay in stamping arrivals on this saturated machine
-            # (see the module docstring): what an operator sets for a jittery path.
-            "rate_margin": "100ms",
+            # (see the module docstring): what an operator sets for a jittery path. 100 ms was
+            # once exceeded by one message in CI (the fake's stamps lag 35-70 ms at the tail
+            # on a quiet machine, more with the rest of the suite running beside it).
+            "rate_margin": "250ms",
             "concurrency": 20,
             "account_sid": SID,
             "auth_token": TOKEN,
