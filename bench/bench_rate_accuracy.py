@@ -30,11 +30,10 @@ import json
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fake_twilio import twilio_fake
+from fake_twilio import twilio_fake, write_twilio_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNT = "AC" + "1a" * 16
@@ -56,66 +55,18 @@ def write_config(
     rate_margin: str | None = None,
 ) -> Path:
     """Write an audience of `recipients` and a config with one capped twilio channel."""
-    audience = folder / "audience.csv"
-    with audience.open("w", encoding="utf-8") as stream:
-        stream.write("address,name\n")
-        stream.writelines(f"+86139{i:08d},r{i}\n" for i in range(recipients))
-    today = datetime.now(UTC).date()
-    config = folder / "bench.toml"
-    config.write_text(
-        f"""
-[dispatcher]
-database = "sqlite:///{folder / "bench.db"}"
-timezone = "UTC"
-slogans = {json.dumps(str(REPO / "slogans"))}
-campaigns = []
-
-[engine]
-poll_interval = "100ms"
-
-[server]
-enabled = false
-
-[channels.sms]
-type = "twilio"
-rate = {rate}
-{f"burst = {burst}" if burst is not None else ""}
-{f'rate_margin = "{rate_margin}"' if rate_margin is not None else ""}
-concurrency = {concurrency}
-account_sid = "{ACCOUNT}"
-auth_token = "{TOKEN}"
-from = "{SENDER}"
-api_base = "{base_url}"
-status_callback = false
-max_connections = {concurrency}
-
-[[campaign]]
-[campaign.campaign]
-id = "bench"
-name = "bench"
-timezone = "UTC"
-start = {today - timedelta(days=1)}
-end = {today + timedelta(days=1)}
-send_window = {{ start = "00:00", end = "23:59:59.999999" }}
-
-[campaign.audiences.people]
-file = {json.dumps(str(audience))}
-kind = "phone"
-address_column = "address"
-region = "CN"
-columns = {{ name = "name" }}
-
-[[campaign.stages]]
-id = "blast"
-channel = "sms"
-audience = "people"
-at = {today}T00:00:00
-template = "质量月宣传：{{{{ name }}}}您好"
-validity = "1d"
-""",
-        encoding="utf-8",
+    return write_twilio_config(
+        folder,
+        base_url,
+        account=ACCOUNT,
+        token=TOKEN,
+        sender=SENDER,
+        addresses=(f"+86139{i:08d}" for i in range(recipients)),
+        concurrency=concurrency,
+        rate=rate,
+        burst=burst,
+        rate_margin=rate_margin,
     )
-    return config
 
 
 async def send_stage(config: Path) -> tuple[float, float, list[float]]:

@@ -25,17 +25,15 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
-from fake_twilio import twilio_fake
+from fake_twilio import TEMPLATE_PREFIX, twilio_fake, write_twilio_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNT = "AC" + "0" * 31 + "7"
 TOKEN = "bench-token"
 SENDER = "+15005550006"
-TEMPLATE_PREFIX = "质量月宣传："
 SDK_RECIPIENTS = 300
 
 
@@ -51,64 +49,15 @@ def body(index: int) -> str:
 
 def write_config(folder: Path, base_url: str, recipients: int, concurrency: int) -> Path:
     """Write an audience of `recipients` and a config with one twilio channel and stage."""
-    audience = folder / "audience.csv"
-    with audience.open("w", encoding="utf-8") as stream:
-        stream.write("address,name\n")
-        stream.writelines(f"{address(i)},r{i}\n" for i in range(recipients))
-    today = datetime.now(UTC).date()
-    config = folder / "bench.toml"
-    config.write_text(
-        f"""
-[dispatcher]
-database = "sqlite:///{folder / "bench.db"}"
-timezone = "UTC"
-slogans = {json.dumps(str(REPO / "slogans"))}
-campaigns = []
-
-[engine]
-poll_interval = "100ms"
-
-[server]
-enabled = false
-
-[channels.sms]
-type = "twilio"
-rate = 100000
-concurrency = {concurrency}
-account_sid = "{ACCOUNT}"
-auth_token = "{TOKEN}"
-from = "{SENDER}"
-api_base = "{base_url}"
-status_callback = false
-max_connections = {concurrency}
-
-[[campaign]]
-[campaign.campaign]
-id = "bench"
-name = "bench"
-timezone = "UTC"
-start = {today - timedelta(days=1)}
-end = {today + timedelta(days=1)}
-send_window = {{ start = "00:00", end = "23:59" }}
-
-[campaign.audiences.people]
-file = "{audience}"
-kind = "phone"
-address_column = "address"
-region = "CN"
-columns = {{ name = "name" }}
-
-[[campaign.stages]]
-id = "blast"
-channel = "sms"
-audience = "people"
-at = {today}T00:00:00
-template = "{TEMPLATE_PREFIX}{{{{ name }}}}您好"
-validity = "1d"
-""",
-        encoding="utf-8",
+    return write_twilio_config(
+        folder,
+        base_url,
+        account=ACCOUNT,
+        token=TOKEN,
+        sender=SENDER,
+        addresses=(address(i) for i in range(recipients)),
+        concurrency=concurrency,
     )
-    return config
 
 
 @dataclass(frozen=True)
