@@ -67,7 +67,15 @@ async def append(conn: AsyncConnection, events: Sequence[AuditEvent], now: datet
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
     head = (await conn.execute(select(T.c.seq, T.c.hash).order_by(T.c.seq.desc()).limit(1))).first()
-    seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+    await conn.execute(
+        insert(T), chain_rows(head[0] if head else 0, head[1] if head else GENESIS, events, now)
+    )
+
+
+def chain_rows(
+    seq: int, prev: str, events: Sequence[AuditEvent], now: datetime
+) -> list[dict[str, Any]]:
+    """The rows that append `events` after the entry (`seq`, `prev` hash), linked and hashed."""
     # Stored times lose nothing below microseconds, so hashing the same value we store verifies.
     at = now.astimezone(UTC)
     rows = []
@@ -88,7 +96,7 @@ async def append(conn: AsyncConnection, events: Sequence[AuditEvent], now: datet
             }
         )
         prev = digest
-    await conn.execute(insert(T), rows)
+    return rows
 
 
 @dataclass(frozen=True, slots=True)

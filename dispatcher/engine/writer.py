@@ -20,10 +20,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dispatcher import audit
+from dispatcher.audit import AuditEvent
 from dispatcher.channels.base import Receipt, ReceiptStatus
 from dispatcher.engine.clock import Clock
 from dispatcher.logs import first_line
-from dispatcher.store import queue
+from dispatcher.store import queue, sqlite_writes
 from dispatcher.store.database import Database
 
 log = logging.getLogger("dispatcher.engine")
@@ -31,6 +32,9 @@ log = logging.getLogger("dispatcher.engine")
 
 @dataclass
 class _Batch:
+    claims: list[tuple[str, int, asyncio.Future[list[queue.ClaimedDelivery]]]] = field(
+        default_factory=list
+    )
     sending: list[int] = field(default_factory=list)
     outcomes: list[queue.Outcome] = field(default_factory=list)
     attempts: list[queue.AttemptRecord] = field(default_factory=list)
@@ -42,7 +46,8 @@ class _Batch:
 
     def __len__(self) -> int:
         return (
-            len(self.sending)
+            len(self.claims)
+            + len(self.sending)
             + len(self.outcomes)
             + len(self.releases)
             + len(self.events)
@@ -85,6 +90,19 @@ class DeliveryWriter:
             await self._commit(self._batch)
             self._batch = _Batch()
 
+    async def claim(self, channel: str, limit: int) -> list[queue.ClaimedDelivery]:
+        """Lease up to `limit` due deliveries of `channel` to this worker, in the next commit.
+
+        Claims share the commit of the other changes: on SQLite, a transaction of their own
+        would queue for the single connection behind every commit, and commits behind them.
+        """
+        result: asyncio.Future[list[queue.ClaimedDelivery]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._batch.claims.append((channel, limit, result))
+        self._wake.set()
+        return await result
+
     async def mark_sending(self, delivery_id: int) -> str:
         """Mark a claimed delivery in flight: "sending", "opted_out", or "lost" (lease gone)."""
         loop = asyncio.get_running_loop()
@@ -101,12 +119,22 @@ class DeliveryWriter:
         opt_out: tuple[str, str] | None = None,
     ) -> None:
         """Record a delivery's new state (and the attempt that led to it)."""
+        self.record_soon(outcome, attempt, opt_out)
+        await self._wait()
+
+    def record_soon(
+        self,
+        outcome: queue.Outcome,
+        attempt: queue.AttemptRecord | None = None,
+        opt_out: tuple[str, str] | None = None,
+    ) -> None:
+        """Queue a delivery's new state for the next commit, without waiting for that commit."""
         self._batch.outcomes.append(outcome)
         if attempt is not None:
             self._batch.attempts.append(attempt)
         if opt_out is not None:
             self._batch.opt_outs.append(opt_out)
-        await self._wait()
+        self._wake.set()
 
     async def release(self, delivery_id: int, not_before: datetime) -> None:
         """Hand a claimed delivery back, due again at `not_before`."""
@@ -151,6 +179,9 @@ class DeliveryWriter:
                     fut2 = self._sending_results.pop(delivery_id, None)
                     if fut2 is not None and not fut2.done():
                         fut2.set_exception(exc)
+                for _, _, fut3 in batch.claims:
+                    if not fut3.done():
+                        fut3.set_exception(exc)
 
     async def _apply_receipts(
         self, conn: AsyncConnection, receipts: list[Receipt], now: datetime
@@ -202,38 +233,33 @@ class DeliveryWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         now = self.clock.now()
-        events = list(batch.events)
-        async with self.db.engine.begin() as conn:
-            marked: set[int] = set()
-            opted: set[int] = set()
-            if batch.sending:
-                marked, opted = await queue.mark_sending(
-                    conn, ids=batch.sending, owner=self.owner, now=now, lease_until=now + self.lease
+        if self.db.is_sqlite and not (batch.opt_outs or batch.receipts or self._early):
+            # The usual commit (claims, marks, outcomes, attempts): one hand-off to SQLite's
+            # thread.
+            changes = sqlite_writes.Changes(
+                owner=self.owner,
+                now=now,
+                lease_until=now + self.lease,
+                claims=[(channel, limit) for channel, limit, _ in batch.claims],
+                sending=batch.sending,
+                releases=batch.releases,
+                outcomes=batch.outcomes,
+                attempts=batch.attempts,
+            )
+            async with self.db.engine.connect() as conn:
+                written = await sqlite_writes.write(
+                    conn, changes, lambda m, o: self._events(batch, list(batch.events), m, o, [])
                 )
-            for delivery_id, not_before in batch.releases:
-                await queue.release(
-                    conn, ids=[delivery_id], owner=self.owner, not_before=not_before
-                )
-            await queue.record_outcomes(conn, batch.outcomes, batch.attempts)
-            if batch.opt_outs:
-                by_source: dict[str, list[str]] = {}
-                for address, source in batch.opt_outs:
-                    by_source.setdefault(source, []).append(address)
-                for source, addresses in by_source.items():
-                    added = await queue.add_opt_outs(conn, addresses, source=source, now=now)
-                    events.extend(
-                        audit.AuditEvent(
-                            "optout.add", self.owner, subject=a, data={"source": source}
-                        )
-                        for a in added
-                    )
-            settled, early = await self._apply_receipts(conn, batch.receipts, now)
-            changes = _changes(batch.outcomes, marked, opted) + settled
-            if changes:
-                events.append(audit.AuditEvent("deliveries", self.owner, data={"changes": changes}))
-            await audit.append(conn, events, now)
+            claimed, marked, opted = written.claimed, written.marked, written.opted
+            early: list[tuple[Receipt, float]] = []
+        else:
+            async with self.db.engine.begin() as conn:
+                claimed, marked, opted, early = await self._write(conn, batch, now)
         self.commits += 1
         self._early = early
+        for (_, _, claim_result), rows in zip(batch.claims, claimed, strict=True):
+            if not claim_result.done():
+                claim_result.set_result(rows)
         for delivery_id in batch.sending:
             fut = self._sending_results.pop(delivery_id, None)
             if fut is not None and not fut.done():
@@ -247,6 +273,59 @@ class DeliveryWriter:
         for waiter in batch.waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    async def _write(
+        self, conn: AsyncConnection, batch: _Batch, now: datetime
+    ) -> tuple[list[list[queue.ClaimedDelivery]], set[int], set[int], list[tuple[Receipt, float]]]:
+        """Every kind of change, statement by statement: (claimed, marked, opted out, early)."""
+        events = list(batch.events)
+        claimed = [
+            await queue.claim(
+                conn,
+                channel=channel,
+                owner=self.owner,
+                now=now,
+                lease_until=now + self.lease,
+                limit=limit,
+            )
+            for channel, limit, _ in batch.claims
+        ]
+        marked: set[int] = set()
+        opted: set[int] = set()
+        if batch.sending:
+            marked, opted = await queue.mark_sending(
+                conn, ids=batch.sending, owner=self.owner, now=now, lease_until=now + self.lease
+            )
+        for delivery_id, not_before in batch.releases:
+            await queue.release(conn, ids=[delivery_id], owner=self.owner, not_before=not_before)
+        await queue.record_outcomes(conn, batch.outcomes, batch.attempts)
+        if batch.opt_outs:
+            by_source: dict[str, list[str]] = {}
+            for address, source in batch.opt_outs:
+                by_source.setdefault(source, []).append(address)
+            for source, addresses in by_source.items():
+                added = await queue.add_opt_outs(conn, addresses, source=source, now=now)
+                events.extend(
+                    audit.AuditEvent("optout.add", self.owner, subject=a, data={"source": source})
+                    for a in added
+                )
+        settled, early = await self._apply_receipts(conn, batch.receipts, now)
+        await audit.append(conn, self._events(batch, events, marked, opted, settled), now)
+        return claimed, marked, opted, early
+
+    def _events(
+        self,
+        batch: _Batch,
+        events: list[AuditEvent],
+        marked: set[int],
+        opted: set[int],
+        settled: list[list[object]],
+    ) -> list[AuditEvent]:
+        """The commit's audit events: `events`, then one entry listing every delivery change."""
+        changes = _changes(batch.outcomes, marked, opted) + settled
+        if changes:
+            events.append(audit.AuditEvent("deliveries", self.owner, data={"changes": changes}))
+        return events
 
 
 _RECEIPT_STATUS = {
