@@ -191,6 +191,9 @@ class Channel(ABC):
     #: an adapter that checks once its connection is ready keeps that variation out. Otherwise
     #: the engine checks right before calling `send`.
     paces_requests: ClassVar[bool] = False
+    #: True when every `send` ends within the adapter's own timeout setting (its client
+    #: enforces it on the whole call): the engine then sets no timer of its own around it.
+    bounds_its_calls: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         self.name = name

@@ -430,6 +430,7 @@ class TwilioChannel(Channel):
     address_kind: ClassVar[AddressKind] = "phone"
     can_reconcile: ClassVar[bool] = True
     paces_requests: ClassVar[bool] = True
+    bounds_its_calls: ClassVar[bool] = True  # aiohttp's total timeout (timeout_s), pacing included
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         if not isinstance(settings, TwilioSettings):

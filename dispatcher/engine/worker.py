@@ -176,7 +176,7 @@ class ChannelWorker:
         ]
         while not stop.is_set():
             room = self._room()
-            if room <= 0:  # enough under way: wait for a sender to finish one
+            if room < self._claim_at_least():  # enough under way: wait for senders to finish
                 await self._wait_for_room(stop)
                 continue
             try:
@@ -212,7 +212,7 @@ class ChannelWorker:
             delivery = await self._queue.get()
             self._busy.add(current)
             try:
-                await self._deliver(delivery)
+                await self._deliver(delivery, current)
             except Exception as exc:  # a bug: the delivery stays as it is (recovered later)
                 log.error("channel %s: send failed: %r", self.name, exc)
             finally:
@@ -289,12 +289,18 @@ class ChannelWorker:
         for delivery in claimed:
             await self.writer.release(delivery.id, when)
 
-    def _room(self) -> int:
-        """How many more deliveries to claim: every sender one, plus about a second's worth."""
+    def _ahead_of_senders(self) -> int:
         # At the rate limit, a batch's last delivery waits this long for its token: claims stay
         # small enough that their leases are not held long, and other workers get their share.
-        queued = min(self.batch_size, int(self.limiter.rate) + 1)
-        return self._concurrency * PIPELINE_FACTOR + queued - self._under_way
+        return min(self.batch_size, int(self.limiter.rate) + 1)
+
+    def _room(self) -> int:
+        """How many more deliveries to claim: every sender one, plus about a second's worth."""
+        return self._concurrency * PIPELINE_FACTOR + self._ahead_of_senders() - self._under_way
+
+    def _claim_at_least(self) -> int:
+        # Claims of one delivery each time a sender finishes would make a claim per send.
+        return max(1, self._ahead_of_senders() // 2)
 
     async def _wait_for_room(self, stop: asyncio.Event) -> None:
         self._freed.clear()
@@ -311,7 +317,7 @@ class ChannelWorker:
         self.stats.claimed += len(rows)
         return rows
 
-    async def _deliver(self, delivery: queue.ClaimedDelivery) -> None:
+    async def _deliver(self, delivery: queue.ClaimedDelivery, sender: asyncio.Task[Any]) -> None:
         try:
             info = await self.run_info(delivery.stage_run_id)
         except Exception as exc:  # the database is unavailable: hand it back (the writer waits)
@@ -335,7 +341,7 @@ class ChannelWorker:
             self.stats.deferred += 1
             await self.writer.release(delivery.id, next_window_opening(info.window, info.tz, now))
             return
-        called = await self._send(delivery, info)
+        called = await self._send(delivery, info, sender)
         if called is None:
             return
         result, started, latency_ms = called
@@ -343,7 +349,7 @@ class ChannelWorker:
         self._record(delivery, info, result, started, latency_ms)
 
     async def _send(
-        self, delivery: queue.ClaimedDelivery, info: RunInfo
+        self, delivery: queue.ClaimedDelivery, info: RunInfo, current: asyncio.Task[Any]
     ) -> tuple[SendResult, datetime, float] | None:
         """Pace, mark in flight, then call the provider in one of the `concurrency` slots.
 
@@ -351,8 +357,6 @@ class ChannelWorker:
         only, not waits for the database. None when the provider was not called (the delivery
         has been handed back or settled).
         """
-        current = asyncio.current_task()
-        assert current is not None
         # Waiting for a token or a slot, a send is cut short when the worker stops (see run):
         # it was not called, so it goes back to the queue.
         self._pacing.add(current)
@@ -442,8 +446,11 @@ class ChannelWorker:
             # A timeout scope, not wait_for: the call starts now, in this task, not one loop
             # iteration later in a new one (which would blur the pacing `admit` just did).
             with pacing(admit if paced_by_channel else None):
-                async with asyncio.timeout(self.send_timeout):
+                if self.channel.bounds_its_calls:
                     result = await self.channel.send(message)
+                else:
+                    async with asyncio.timeout(self.send_timeout):
+                        result = await self.channel.send(message)
         except TimeoutError:
             result = SendResult.ambiguous("timeout", f"no answer within {self.send_timeout:.0f}s")
         except Exception as exc:  # an adapter bug must not lose the delivery: it may have gone out
