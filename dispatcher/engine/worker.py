@@ -38,8 +38,8 @@ log = logging.getLogger("dispatcher.engine")
 #: How long a channel's sends pause when it reports itself unavailable without a Retry-After.
 CHANNEL_PAUSE_S = 5.0
 
-#: Sender tasks per slot: one calling, two getting a token and their in-flight mark meanwhile.
-PIPELINE_FACTOR = 3
+#: Sender tasks per slot: one calling, one getting its token and in-flight mark meanwhile.
+PIPELINE_FACTOR = 2
 
 
 @dataclass(frozen=True, slots=True)
