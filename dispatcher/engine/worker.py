@@ -389,6 +389,9 @@ class ChannelWorker:
                 if state == "opted_out":
                     self.stats.suppressed += 1
                 return None
+            if self._stopping:  # marked, not called: back to the queue (see _stop_senders)
+                await self._undo_mark(delivery, info, self.clock.now())
+                return None
             self._pacing.add(current)
             try:
                 await self._slots.acquire()

@@ -193,6 +193,41 @@ def test_sigterm_stops_a_busy_daemon_cleanly_and_a_restart_finishes(tmp_path: Pa
     assert len(sent) == 100 and len({r["delivery_id"] for r in sent}) == 100
 
 
+def test_sigterm_hands_back_sends_marked_in_flight_but_not_called(tmp_path: Path) -> None:
+    # A slow provider and few slots: while two sends are calling, two more have their
+    # in-flight mark and wait for a slot. They were never called, so SIGTERM undoes their mark
+    # (back to pending, the attempt not counted) instead of leaving them `unknown`.
+    config = write_config(
+        tmp_path,
+        recipients=40,
+        channel={"rate": 1000, "concurrency": 2, "latency_ms": 700, "log": "sends.jsonl"},
+    )
+    daemon = Daemon(config)
+    try:
+        daemon.wait_running()
+        wait_for(
+            lambda: len(read_send_log(tmp_path / "sends.jsonl")[0]) >= 2, 60, "the first sends"
+        )
+        wait_for(
+            lambda: (
+                query(config, "SELECT COUNT(*) FROM deliveries WHERE status = 'sending'")[0][0] >= 4
+            ),
+            20,
+            "sends marked in flight beyond the two calling",
+            0.02,
+        )
+        assert daemon.stop(signal.SIGTERM, timeout=60) == 0, daemon.output
+    finally:
+        daemon.close()
+    assert "Traceback" not in daemon.output
+    rows = query(config, "SELECT status, attempts, COUNT(*) FROM deliveries GROUP BY 1, 2")
+    states = {(status, attempts): count for status, attempts, count in rows}
+    assert set(states) <= {("pending", 0), ("sent", 1)}, states
+    sent, _ = read_send_log(tmp_path / "sends.jsonl")
+    assert len(sent) == states[("sent", 1)] and len({r["delivery_id"] for r in sent}) == len(sent)
+    assert states.get(("pending", 0), 0) >= 2  # at least the marked ones came back
+
+
 def test_send_wait_fires_a_stage_now_and_status_reports_it(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
