@@ -3,7 +3,10 @@
 Each send needs two durable writes (in flight before the provider call, outcome after). Doing
 them one transaction each would make the database the bottleneck, so concurrent callers queue
 their changes here and one task commits everything waiting in a single transaction, then wakes
-them. Callers still see "my change is durable" before they go on.
+them. Callers still see "my change is durable" before they go on, except with `record_soon`
+(a send's outcome: the next send need not wait for it; a crash before the commit leaves the
+delivery in flight, later `unknown`, as a crash during the call would). Claims join the same
+commits (see `claim`).
 """
 
 from __future__ import annotations
