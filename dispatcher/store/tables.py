@@ -97,6 +97,8 @@ class Delivery(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("stage_run_id", "channel", "address", name="uq_delivery_recipient"),
         Index("ix_deliveries_queue", "channel", "status", "not_before"),
+        # Claims take the oldest due rows first: in id order (migration 0002).
+        Index("ix_deliveries_claim", "channel", "status", "id"),
         Index("ix_deliveries_run_status", "stage_run_id", "status"),
     )
 
