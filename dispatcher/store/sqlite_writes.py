@@ -4,7 +4,7 @@ Through SQLAlchemy and aiosqlite, each statement is several hand-offs between th
 SQLite's thread (cursor, execute, fetch, close), and each hand-off waits for its turn on the
 loop. With a few hundred sends ready on the loop, the writer's two dozen hand-offs made a commit
 of a few milliseconds' work take 17 ms, and every send waiting for its in-flight mark waited for
-that. Here the writer's usual statements (in-flight marks, releases, outcomes, attempts and the
+that. Here the writer's usual statements (claims, in-flight marks, releases, outcomes, attempts,
 audit entries) run as one function in aiosqlite's thread, their transaction included. They
 are the SQL of `queue.claim`, `queue.mark_sending`, `queue.release`,
 `queue.record_outcomes` and `audit.append`, which the writer uses everywhere else (PostgreSQL,
@@ -84,7 +84,7 @@ class Changes:
     attempts: Sequence[AttemptRecord]
 
 
-UTC_TYPE = UTCDateTime()
+_UTC = UTCDateTime()
 
 #: Builds the commit's audit events once the in-flight marks are known (marked, opted out).
 EventsFor = Callable[[set[int], set[int]], list[audit.AuditEvent]]
@@ -110,8 +110,8 @@ async def write(conn: AsyncConnection, changes: Changes, events_for: EventsFor) 
         _write,
         changes,
         events_for,
-        UTC_TYPE.dialect_impl(dialect).bind_processor(dialect),
-        UTC_TYPE.dialect_impl(dialect).result_processor(dialect, None),
+        _UTC.dialect_impl(dialect).bind_processor(dialect),
+        _UTC.dialect_impl(dialect).result_processor(dialect, None),
     )
     return written
 
