@@ -250,19 +250,13 @@ class ChannelWorker:
 
     async def _idle(self, stop: asyncio.Event, seconds: float | None = None) -> None:
         self.wake.clear()
-        waiters = [
-            asyncio.create_task(stop.wait()),
-            asyncio.create_task(
-                asyncio.sleep(self.clock.real_seconds(seconds or self.poll_interval))
-            ),
+        waits: list[Awaitable[Any]] = [
+            stop.wait(),
+            asyncio.sleep(self.clock.real_seconds(seconds or self.poll_interval)),
         ]
         if seconds is None:  # new work wakes an idle worker, not a paused one
-            waiters.append(asyncio.create_task(self.wake.wait()))
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+            waits.append(self.wake.wait())
+        await _first_of(waits)
 
     def _paused(self) -> bool:
         return self.clock.monotonic() < self._paused_until
@@ -304,12 +298,7 @@ class ChannelWorker:
 
     async def _wait_for_room(self, stop: asyncio.Event) -> None:
         self._freed.clear()
-        waiters = [asyncio.create_task(self._freed.wait()), asyncio.create_task(stop.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await _first_of([self._freed.wait(), stop.wait()])
 
     async def _claim(self, room: int) -> list[queue.ClaimedDelivery]:
         limit = min(self.batch_size, room)
@@ -592,6 +581,16 @@ class ChannelWorker:
         # Not waited for: the send's task ends and the next one goes ahead. The commit follows
         # within a tick; a crash before it leaves the delivery `sending`, later `unknown`: safe.
         self.writer.record_soon(outcome, attempt, opt_out)
+
+
+async def _first_of(waits: list[Awaitable[Any]]) -> None:
+    """Wait until the first of `waits` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _expired(delivery: queue.ClaimedDelivery, now: datetime) -> bool:
