@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dispatcher.store.tables import Attempt, Delivery, DeliveryStatus, OptOut
@@ -21,6 +21,9 @@ D = Delivery.__table__  # type: ignore[attr-defined]
 A = Attempt.__table__  # type: ignore[attr-defined]
 OPT_OUTS = OptOut.__table__  # type: ignore[attr-defined]
 S = DeliveryStatus
+# As the leased-rows index's condition reads (see tables.LEASED_CONDITION): literals, not
+# parameters, or SQLite does not use the index.
+_LEASED = D.c.status.in_([literal_column(f"'{status}'") for status in S.LEASED])
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +229,7 @@ async def renew_leases(conn: AsyncConnection, *, owner: str, lease_until: dateti
     marking them in flight, in its own order, and waiting for them here deadlocked with it on
     PostgreSQL. A skipped lease is renewed at the next heartbeat, well within the lease.
     """
-    mine = (
-        select(D.c.id)
-        .where(D.c.owner == owner, D.c.status.in_([S.CLAIMED, S.SENDING]))
-        .with_for_update(skip_locked=True)
-    )
+    mine = select(D.c.id).where(D.c.owner == owner, _LEASED).with_for_update(skip_locked=True)
     result = await conn.execute(
         update(D)
         .where(D.c.id.in_(mine.scalar_subquery()), D.c.owner == owner)
@@ -251,14 +250,17 @@ async def recover_expired(
         if dead_owners
         else D.c.lease_until < now
     )
+    # Found through the leased-rows index, then updated by id: a condition on status alone
+    # would read the whole table at every heartbeat.
+    dead_leases = select(D.c.id).where(_LEASED, dead).scalar_subquery()
     released = await conn.execute(
         update(D)
-        .where(D.c.status == S.CLAIMED, dead)
+        .where(D.c.id.in_(dead_leases), D.c.status == S.CLAIMED, dead)
         .values(status=S.PENDING, owner=None, lease_until=None)
     )
     unknown = await conn.execute(
         update(D)
-        .where(D.c.status == S.SENDING, dead)
+        .where(D.c.id.in_(dead_leases), D.c.status == S.SENDING, dead)
         .values(
             status=S.UNKNOWN,
             owner=None,

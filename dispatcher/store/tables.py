@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -51,6 +51,12 @@ class DeliveryStatus:
     ALL = (PENDING, CLAIMED, SENDING, SENT, DELIVERED, FAILED, SUPPRESSED, UNKNOWN)
     OPEN = (PENDING, CLAIMED, SENDING)
     TERMINAL = (SENT, DELIVERED, FAILED, SUPPRESSED, UNKNOWN)
+    LEASED = (CLAIMED, SENDING)  # held by a worker: a lease to renew or to recover
+
+
+#: The condition of the leased-rows index. A query uses that index only when its own condition
+#: contains this one as written (SQLite proves nothing about bound parameters), hence literals.
+LEASED_CONDITION = "status IN ({})".format(", ".join(f"'{s}'" for s in DeliveryStatus.LEASED))
 
 
 class StageRunStatus:
@@ -100,6 +106,15 @@ class Delivery(SQLModel, table=True):
         # Claims take the oldest due rows first: in id order (migration 0002).
         Index("ix_deliveries_claim", "channel", "status", "id"),
         Index("ix_deliveries_run_status", "stage_run_id", "status"),
+        # Housekeeping renews and recovers leases at every heartbeat: only the rows under a
+        # lease, a few hundred whatever the queue's size (migration 0003).
+        Index(
+            "ix_deliveries_leased",
+            "owner",
+            "lease_until",
+            sqlite_where=text(LEASED_CONDITION),
+            postgresql_where=text(LEASED_CONDITION),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -132,5 +132,5 @@ async def test_migrations_are_idempotent(pg_url: str) -> None:
     await db.ping()
     async with db.engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
-    assert version == "0002"
+    assert version == "0003"
     await db.close()
