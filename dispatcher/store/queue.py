@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dispatcher.store.tables import Attempt, Delivery, DeliveryStatus, OptOut
@@ -57,27 +58,65 @@ async def claim(
     lease_until: datetime,
     limit: int,
 ) -> list[ClaimedDelivery]:
-    """Lease up to `limit` due pending deliveries of `channel` to `owner`, oldest first."""
-    due = (
-        select(D.c.id)
-        .where(
-            D.c.channel == channel,
-            D.c.status == S.PENDING,
-            or_(D.c.not_before.is_(None), D.c.not_before <= now),
+    """Lease up to `limit` due pending deliveries of `channel` to `owner`.
+
+    First those that were deferred (a retry's backoff, a window's opening) and are due now, in
+    the order they came due; then the never deferred ones, in audience order (id).
+    """
+    # Two claims, each one range of the (channel, status, not_before, id) index read in its
+    # order. One condition `not_before IS NULL OR not_before <= now`, in id order, read past
+    # every deferred row: a million held for a window's opening cost 200 ms per claim, each
+    # second until it opened.
+    rows = await _claim(
+        conn,
+        D.c.not_before <= now,
+        (D.c.not_before, D.c.id),
+        channel=channel,
+        owner=owner,
+        now=now,
+        lease_until=lease_until,
+        limit=limit,
+    )
+    if len(rows) < limit:
+        rows += await _claim(
+            conn,
+            D.c.not_before.is_(None),
+            (D.c.id,),
+            channel=channel,
+            owner=owner,
+            now=now,
+            lease_until=lease_until,
+            limit=limit - len(rows),
         )
-        .order_by(D.c.id)
+    return rows
+
+
+async def _claim(
+    conn: AsyncConnection,
+    due: ColumnElement[bool],
+    order: tuple[ColumnElement[Any], ...],
+    *,
+    channel: str,
+    owner: str,
+    now: datetime,
+    lease_until: datetime,
+    limit: int,
+) -> list[ClaimedDelivery]:
+    ids = (
+        select(D.c.id)
+        .where(D.c.channel == channel, D.c.status == S.PENDING, due)
+        .order_by(*order)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     stmt = (
         update(D)
-        .where(D.c.id.in_(due.scalar_subquery()), D.c.status == S.PENDING)
+        .where(D.c.id.in_(ids.scalar_subquery()), D.c.status == S.PENDING)
         .values(status=S.CLAIMED, owner=owner, lease_until=lease_until, claimed_at=now)
         .returning(*_CLAIM_COLUMNS)
     )
-    result = await conn.execute(stmt)
-    rows = [ClaimedDelivery(*row) for row in result.all()]
-    rows.sort(key=lambda r: r.id)
+    rows = [ClaimedDelivery(*row) for row in (await conn.execute(stmt)).all()]
+    rows.sort(key=lambda r: r.id)  # RETURNING comes in no particular order
     return rows
 
 

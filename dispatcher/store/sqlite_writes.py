@@ -29,14 +29,17 @@ from dispatcher.store.queue import AttemptRecord, ClaimedDelivery, Outcome
 from dispatcher.store.tables import DeliveryStatus as S
 from dispatcher.store.tables import UTCDateTime
 
-_CLAIM = f"""
+_CLAIM_ROWS = f"""
 UPDATE deliveries SET status = '{S.CLAIMED}', owner = ?, lease_until = ?, claimed_at = ?
 WHERE id IN (
     SELECT id FROM deliveries
-    WHERE channel = ? AND status = '{S.PENDING}' AND (not_before IS NULL OR not_before <= ?)
-    ORDER BY id LIMIT ?
+    WHERE channel = ? AND status = '{S.PENDING}' AND {{due}}
+    ORDER BY {{order}} LIMIT ?
 ) AND status = '{S.PENDING}'
 RETURNING {", ".join(ClaimedDelivery.__slots__)}"""
+# As queue.claim: the deferred rows due now (in the order they came due), then the others.
+_CLAIM_DEFERRED = _CLAIM_ROWS.format(due="not_before <= ?", order="not_before, id")
+_CLAIM_FRESH = _CLAIM_ROWS.format(due="not_before IS NULL", order="id")
 _CLAIMED_TIMES = [
     ClaimedDelivery.__slots__.index(name) for name in ("valid_until", "created_at", "claimed_at")
 ]
@@ -244,7 +247,18 @@ def _claim(
     parse: Callable[[Any], datetime | None],
 ) -> list[ClaimedDelivery]:
     now = dt(changes.now)
-    cursor.execute(_CLAIM, (changes.owner, dt(changes.lease_until), now, channel, now, limit))
+    lease = (changes.owner, dt(changes.lease_until), now)
+    cursor.execute(_CLAIM_DEFERRED, (*lease, channel, now, limit))
+    claimed = _claimed_rows(cursor, parse)
+    if len(claimed) < limit:
+        cursor.execute(_CLAIM_FRESH, (*lease, channel, limit - len(claimed)))
+        claimed += _claimed_rows(cursor, parse)
+    return claimed
+
+
+def _claimed_rows(
+    cursor: sqlite3.Cursor, parse: Callable[[Any], datetime | None]
+) -> list[ClaimedDelivery]:
     claimed = []
     for row in cursor.fetchall():
         values = list(row)

@@ -102,9 +102,9 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "deliveries"
     __table_args__ = (
         UniqueConstraint("stage_run_id", "channel", "address", name="uq_delivery_recipient"),
-        Index("ix_deliveries_queue", "channel", "status", "not_before"),
-        # Claims take the oldest due rows first: in id order (migration 0002).
-        Index("ix_deliveries_claim", "channel", "status", "id"),
+        # Claims read it in order: the deferred rows due now, then the never deferred ones by
+        # id (see queue.claim; migration 0003).
+        Index("ix_deliveries_due", "channel", "status", "not_before", "id"),
         Index("ix_deliveries_run_status", "stage_run_id", "status"),
         # Housekeeping renews and recovers leases at every heartbeat: only the rows under a
         # lease, a few hundred whatever the queue's size (migration 0003).

@@ -80,7 +80,10 @@ async def seeded(path: Path) -> Database:
                     "status": S.PENDING,
                     "created_at": NOW - timedelta(minutes=1),
                     "valid_until": NOW + timedelta(hours=2) if i % 2 else None,
-                    "not_before": NOW + timedelta(hours=1) if i == 7 else None,
+                    # The 6th was deferred and is due now, the 8th is not due yet.
+                    "not_before": {5: NOW - timedelta(minutes=1), 7: NOW + timedelta(hours=1)}.get(
+                        i
+                    ),
                 }
                 for i in range(8)
             ],
@@ -189,20 +192,20 @@ async def test_both_paths_store_the_same_rows(tmp_path: Path) -> None:
         await fast_db.close()
         await general_db.close()
     assert fast_claimed == general_claimed
-    # The 8th delivery is not due yet; the others are claimed oldest first.
-    assert [d.id for d in fast_claimed] == [1, 2, 3, 4, 5, 6, 7]
-    assert fast_claimed[1].valid_until == NOW + timedelta(hours=2)  # read back as aware UTC
+    # The 8th delivery is not due yet; the deferred 6th comes first, then the others in order.
+    assert [d.id for d in fast_claimed] == [6, 1, 2, 3, 4, 5, 7]
+    assert fast_claimed[2].valid_until == NOW + timedelta(hours=2)  # read back as aware UTC
     assert fast_claimed[0].claimed_at == NOW
     fast, general = stored(tmp_path / "fast.db"), stored(tmp_path / "general.db")
     assert fast == general
     statuses = statuses_of(tmp_path / "fast.db")
     assert statuses == {
-        1: S.SENT,
-        2: S.PENDING,  # to be tried again
-        3: S.FAILED,
+        6: S.SENT,
+        1: S.PENDING,  # to be tried again
+        2: S.FAILED,
+        3: S.UNKNOWN,
         4: S.SUPPRESSED,  # opted out at the in-flight mark
-        5: S.UNKNOWN,
-        6: S.PENDING,  # released
+        5: S.PENDING,  # released
         7: S.CLAIMED,  # claimed, never marked
         8: S.PENDING,  # not due
     }

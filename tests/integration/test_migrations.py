@@ -54,12 +54,11 @@ def test_a_first_revision_database_upgrades_with_its_rows(tmp_path: Path) -> Non
     try:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (HEAD,)
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (1,)
-        plan = conn.execute(
-            "EXPLAIN QUERY PLAN SELECT id FROM deliveries WHERE channel = 'sms'"
-            " AND status = 'pending' ORDER BY id LIMIT 10"
-        ).fetchall()
-        assert any("ix_deliveries_claim" in row[3] for row in plan), plan
-        assert not any("TEMP B-TREE" in row[3] for row in plan), plan
+        # Both claims (see queue.claim) read one range of the due index, in its order.
+        for claim in (sqlite_writes._CLAIM_DEFERRED, sqlite_writes._CLAIM_FRESH):
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + claim, _nulls(claim))]
+            assert any("ix_deliveries_due" in step for step in plan), plan
+            assert not any("TEMP B-TREE" in step for step in plan), plan
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(deliveries)")}
         assert "ix_deliveries_leased" in indexes
     finally:
@@ -113,12 +112,14 @@ async def test_housekeeping_reads_only_leased_rows_and_sends_update_by_id(tmp_pa
         await db.close()
     # The fast path's own statements (store/sqlite_writes.py) on SQLite's hot path, too.
     for sql in (
+        sqlite_writes._CLAIM_DEFERRED,
+        sqlite_writes._CLAIM_FRESH,
         sqlite_writes._SUPPRESS_OPTED_OUT,
         sqlite_writes._MARK_SENDING,
         sqlite_writes._RELEASE,
         sqlite_writes._OUTCOME,
     ):
-        statements.insert(hot, (sql, [None] * sql.count("?")))
+        statements.insert(hot, (sql, _nulls(sql)))
         hot += 1
 
     def plan(sql: str, params: Any) -> list[str]:
@@ -126,12 +127,13 @@ async def test_housekeeping_reads_only_leased_rows_and_sends_update_by_id(tmp_pa
 
     try:
         updates = [(s, p) for s, p in statements if s.lstrip().startswith("UPDATE")]
-        assert len(updates) == 14  # 5 + 4 on the hot path, 1 + 2 + 2 for the leases
+        assert len(updates) == 17  # 6 + 6 on the hot path, 1 + 2 + 2 for the leases
         for sql, params in statements[:hot]:
             if sql.lstrip().startswith("UPDATE"):
                 steps = plan(sql, params)
                 assert "ix_deliveries_leased" not in " ".join(steps), (sql, steps)
                 assert "INTEGER PRIMARY KEY" in steps[0], (sql, steps)
+                assert not any("TEMP B-TREE" in step for step in steps), (sql, steps)
         for sql, params in statements[hot:]:
             if sql.lstrip().startswith("UPDATE"):
                 steps = plan(sql, params)
@@ -140,6 +142,10 @@ async def test_housekeeping_reads_only_leased_rows_and_sends_update_by_id(tmp_pa
                 assert not scans, (sql, steps)
     finally:
         conn.close()
+
+
+def _nulls(sql: str) -> list[None]:
+    return [None] * sql.count("?")
 
 
 def test_the_migrated_schema_is_the_models_schema(tmp_path: Path) -> None:
