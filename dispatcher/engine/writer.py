@@ -186,27 +186,16 @@ class DeliveryWriter:
                     if not fut3.done():
                         fut3.set_exception(exc)
 
-    async def _apply_receipts(
-        self, conn: AsyncConnection, receipts: list[Receipt], now: datetime
-    ) -> tuple[list[list[object]], list[tuple[Receipt, float]]]:
-        """Apply new and early receipts; returns (audit changes, receipts still early)."""
+    def _receipts_pending(self, receipts: list[Receipt]) -> list[tuple[Receipt, float]]:
+        """The receipts to apply in a commit: the new ones, then those still early."""
         # Early receipts are taken from self._early but only replaced after the commit: if the
         # transaction rolls back and is retried, none is lost or applied twice.
-        pending = [(r, time.monotonic() + EARLY_RECEIPT_GRACE_S) for r in receipts] + self._early
-        updates = []
-        for receipt, _ in pending:
-            status = _RECEIPT_STATUS[receipt.status]
-            updates.append(
-                queue.ReceiptUpdate(
-                    channel=receipt.channel,
-                    provider_id=receipt.provider_id,
-                    status=status,
-                    error_code=receipt.error_code if status == "failed" else None,
-                    reason=receipt.reason,
-                    at=receipt.at or now,
-                )
-            )
-        changes, unknown = await queue.apply_receipts(conn, updates)
+        return [(r, time.monotonic() + EARLY_RECEIPT_GRACE_S) for r in receipts] + self._early
+
+    def _still_early(
+        self, pending: list[tuple[Receipt, float]], unknown: list[int]
+    ) -> list[tuple[Receipt, float]]:
+        """Of the receipts whose message id was unknown, those to try again at later commits."""
         early = []
         for index in unknown:
             receipt, deadline = pending[index]
@@ -219,7 +208,7 @@ class DeliveryWriter:
                     receipt.provider_id,
                     receipt.channel,
                 )
-        return [list(change) for change in changes], early
+        return early
 
     async def _commit_with_retry(self, batch: _Batch) -> None:
         # A locked SQLite file or a restarting PostgreSQL is waited out: the transaction rolled
@@ -236,9 +225,10 @@ class DeliveryWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         now = self.clock.now()
-        if self.db.is_sqlite and not (batch.opt_outs or batch.receipts or self._early):
-            # The usual commit (claims, marks, outcomes, attempts): one hand-off to SQLite's
-            # thread.
+        if self.db.is_sqlite and not batch.opt_outs:
+            # The usual commit (claims, marks, outcomes, attempts, receipts): one hand-off to
+            # SQLite's thread.
+            pending = self._receipts_pending(batch.receipts)
             changes = sqlite_writes.Changes(
                 owner=self.owner,
                 now=now,
@@ -248,13 +238,16 @@ class DeliveryWriter:
                 releases=batch.releases,
                 outcomes=batch.outcomes,
                 attempts=batch.attempts,
+                receipts=[_receipt_update(r, now) for r, _ in pending],
             )
             async with self.db.engine.connect() as conn:
                 written = await sqlite_writes.write(
-                    conn, changes, lambda m, o: self._events(batch, list(batch.events), m, o, [])
+                    conn,
+                    changes,
+                    lambda m, o, s: self._events(batch, list(batch.events), m, o, s),
                 )
             claimed, marked, opted = written.claimed, written.marked, written.opted
-            early: list[tuple[Receipt, float]] = []
+            early = self._still_early(pending, written.unknown)
         else:
             async with self.db.engine.begin() as conn:
                 claimed, marked, opted, early = await self._write(conn, batch, now)
@@ -312,9 +305,12 @@ class DeliveryWriter:
                     audit.AuditEvent("optout.add", self.owner, subject=a, data={"source": source})
                     for a in added
                 )
-        settled, early = await self._apply_receipts(conn, batch.receipts, now)
+        pending = self._receipts_pending(batch.receipts)
+        settled, unknown = await queue.apply_receipts(
+            conn, [_receipt_update(r, now) for r, _ in pending]
+        )
         await audit.append(conn, self._events(batch, events, marked, opted, settled), now)
-        return claimed, marked, opted, early
+        return claimed, marked, opted, self._still_early(pending, unknown)
 
     def _events(
         self,
@@ -322,10 +318,10 @@ class DeliveryWriter:
         events: list[AuditEvent],
         marked: set[int],
         opted: set[int],
-        settled: list[list[object]],
+        settled: Sequence[tuple[int, str, str | None]],
     ) -> list[AuditEvent]:
         """The commit's audit events: `events`, then one entry listing every delivery change."""
-        changes = _changes(batch.outcomes, marked, opted) + settled
+        changes = _changes(batch.outcomes, marked, opted) + [list(change) for change in settled]
         if changes:
             events.append(audit.AuditEvent("deliveries", self.owner, data={"changes": changes}))
         return events
@@ -337,6 +333,18 @@ _RECEIPT_STATUS = {
     ReceiptStatus.FAILED: "failed",
 }
 EARLY_RECEIPT_GRACE_S = 30.0
+
+
+def _receipt_update(receipt: Receipt, now: datetime) -> queue.ReceiptUpdate:
+    status = _RECEIPT_STATUS[receipt.status]
+    return queue.ReceiptUpdate(
+        channel=receipt.channel,
+        provider_id=receipt.provider_id,
+        status=status,
+        error_code=receipt.error_code if status == "failed" else None,
+        reason=receipt.reason,
+        at=receipt.at or now,
+    )
 
 
 def _changes(

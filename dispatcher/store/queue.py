@@ -388,12 +388,15 @@ class ReceiptUpdate:
     at: datetime
 
 
+#: The states a receipt moves forward (`unknown`: the receipt proves the message went out).
+RECEIPT_SETTLES = (S.SENT, S.UNKNOWN, S.SENDING)
+
 _RECEIPT_UPDATE = (
     update(D)
     # Equalities, not IN: an executemany statement cannot carry an expanding IN parameter.
     .where(
         D.c.id == bindparam("b_id"),
-        or_(D.c.status == S.SENT, D.c.status == S.UNKNOWN, D.c.status == S.SENDING),
+        or_(*(D.c.status == status for status in RECEIPT_SETTLES)),
     )
     .values(
         status=bindparam("b_status"),
@@ -422,23 +425,56 @@ async def apply_receipts(
     """
     if not receipts:
         return [], []
+    found: dict[tuple[str, str], tuple[int, str]] = {}
+    for channel, provider_ids in receipt_lookups(receipts):
+        stmt = select(D.c.id, D.c.provider_id, D.c.status).where(
+            D.c.channel == channel, D.c.provider_id.in_(provider_ids)
+        )
+        if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises
+            stmt = stmt.with_for_update()
+        for delivery_id, provider_id, status in (await conn.execute(stmt)).all():
+            found[(channel, provider_id)] = (delivery_id, status)
+    changes, unknown, settle = settle_receipts(receipts, found)
+    params = [
+        {
+            "b_id": delivery_id,
+            "b_status": r.status,
+            "b_error_code": r.error_code,
+            "b_reason": r.reason,
+            "b_final_at": r.at,
+        }
+        for delivery_id, r in settle
+    ]
+    if params:
+        await conn.execute(_RECEIPT_UPDATE, params)
+    return changes, unknown
+
+
+def receipt_lookups(receipts: Sequence[ReceiptUpdate]) -> list[tuple[str, list[str]]]:
+    """The lookups `receipts` need: (channel, message ids), at most 500 ids each."""
     wanted: dict[str, set[str]] = {}
     for r in receipts:
         wanted.setdefault(r.channel, set()).add(r.provider_id)
-    found: dict[tuple[str, str], tuple[int, str]] = {}
+    lookups = []
     for channel, provider_ids in wanted.items():
         ordered = sorted(provider_ids)
         for i in range(0, len(ordered), _LOOKUP_CHUNK):
-            stmt = select(D.c.id, D.c.provider_id, D.c.status).where(
-                D.c.channel == channel, D.c.provider_id.in_(ordered[i : i + _LOOKUP_CHUNK])
-            )
-            if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises
-                stmt = stmt.with_for_update()
-            for delivery_id, provider_id, status in (await conn.execute(stmt)).all():
-                found[(channel, provider_id)] = (delivery_id, status)
+            lookups.append((channel, ordered[i : i + _LOOKUP_CHUNK]))
+    return lookups
+
+
+def settle_receipts(
+    receipts: Sequence[ReceiptUpdate], found: dict[tuple[str, str], tuple[int, str]]
+) -> tuple[list[tuple[int, str, str | None]], list[int], list[tuple[int, ReceiptUpdate]]]:
+    """Decide what `receipts` change, given the deliveries `found` by (channel, message id).
+
+    Returns (changes for the audit, indexes of receipts whose id is unknown, the updates to
+    make as (delivery id, receipt)). `found` is updated as receipts settle deliveries, so of
+    two receipts for one message in a batch only the first counts.
+    """
     changes: list[tuple[int, str, str | None]] = []
     unknown: list[int] = []
-    params: list[dict[str, object]] = []
+    settle: list[tuple[int, ReceiptUpdate]] = []
     for index, r in enumerate(receipts):
         key = (r.channel, r.provider_id)
         hit = found.get(key)
@@ -446,19 +482,9 @@ async def apply_receipts(
             unknown.append(index)
             continue
         delivery_id, status = hit
-        if status not in (S.SENT, S.UNKNOWN, S.SENDING):
+        if status not in RECEIPT_SETTLES:
             continue
         found[key] = (delivery_id, r.status)
         changes.append((delivery_id, r.status, r.error_code))
-        params.append(
-            {
-                "b_id": delivery_id,
-                "b_status": r.status,
-                "b_error_code": r.error_code,
-                "b_reason": r.reason,
-                "b_final_at": r.at,
-            }
-        )
-    if params:
-        await conn.execute(_RECEIPT_UPDATE, params)
-    return changes, unknown
+        settle.append((delivery_id, r))
+    return changes, unknown, settle

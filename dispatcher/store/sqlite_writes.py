@@ -5,10 +5,10 @@ SQLite's thread (cursor, execute, fetch, close), and each hand-off waits for its
 loop. With a few hundred sends ready on the loop, the writer's two dozen hand-offs made a commit
 of a few milliseconds' work take 17 ms, and every send waiting for its in-flight mark waited for
 that. Here the writer's usual statements (claims, in-flight marks, releases, outcomes, attempts,
-audit entries) run as one function in aiosqlite's thread, their transaction included. They
+receipts, audit entries) run as one function in aiosqlite's thread, their transaction included. They
 are the SQL of `queue.claim`, `queue.mark_sending`, `queue.release`,
-`queue.record_outcomes` and `audit.append`, which the writer uses everywhere else (PostgreSQL,
-and commits carrying receipts or opt-outs); the tests run both.
+`queue.record_outcomes`, `queue.apply_receipts` and `audit.append`, which the writer uses
+everywhere else (PostgreSQL, and commits carrying opt-outs); the tests run both.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dispatcher import audit
+from dispatcher.store import queue
 from dispatcher.store.queue import AttemptRecord, ClaimedDelivery, Outcome
 from dispatcher.store.tables import DeliveryStatus as S
 from dispatcher.store.tables import UTCDateTime
@@ -67,6 +68,12 @@ _ATTEMPT = """
 INSERT INTO attempts
     (delivery_id, number, worker, started_at, latency_ms, outcome, provider_id, error_code, reason)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_RECEIPT_LOOKUP = """
+SELECT id, provider_id, status FROM deliveries WHERE channel = ? AND provider_id IN ({})"""
+_RECEIPT = f"""
+UPDATE deliveries
+SET status = ?, error_code = ?, error_reason = ?, final_at = ?, owner = NULL, lease_until = NULL
+WHERE id = ? AND status IN ({", ".join(f"'{s}'" for s in queue.RECEIPT_SETTLES)})"""
 _AUDIT_HEAD = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 _AUDIT_ENTRY = """
 INSERT INTO audit_log (seq, at, actor, kind, subject, data, prev_hash, hash)
@@ -85,21 +92,29 @@ class Changes:
     releases: Sequence[tuple[int, datetime]]
     outcomes: Sequence[Outcome]
     attempts: Sequence[AttemptRecord]
+    receipts: Sequence[queue.ReceiptUpdate] = ()
 
 
 _UTC = UTCDateTime()
 
-#: Builds the commit's audit events once the in-flight marks are known (marked, opted out).
-EventsFor = Callable[[set[int], set[int]], list[audit.AuditEvent]]
+#: A delivery a receipt settled: (id, new status, error code), as the audit lists changes.
+Settled = tuple[int, str, str | None]
+
+#: Builds the commit's audit events once its changes are known: the in-flight marks (marked,
+#: opted out) and the deliveries the receipts settled (id, status, code).
+EventsFor = Callable[[set[int], set[int], list[Settled]], list[audit.AuditEvent]]
 
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What a commit of `Changes` found: the claimed rows (per claim), marked and opted out."""
+    """What a commit of `Changes` did: the claimed rows (per claim), the deliveries marked and
+    opted out, those the receipts settled, and the indexes of receipts whose id is unknown."""
 
     claimed: list[list[ClaimedDelivery]]
     marked: set[int]
     opted: set[int]
+    settled: list[Settled]
+    unknown: list[int]
 
 
 async def write(conn: AsyncConnection, changes: Changes, events_for: EventsFor) -> Written:
@@ -213,7 +228,8 @@ def _write(
                     for a in changes.attempts
                 ],
             )
-        events = events_for(marked, opted)
+        settled, unknown = _apply_receipts(cursor, changes.receipts, dt)
+        events = events_for(marked, opted, settled)
         if events:
             head = cursor.execute(_AUDIT_HEAD).fetchone()
             rows = audit.chain_rows(
@@ -235,7 +251,27 @@ def _write(
                     for r in rows
                 ],
             )
-    return Written(claimed, marked, opted)
+    return Written(claimed, marked, opted, settled, unknown)
+
+
+def _apply_receipts(
+    cursor: sqlite3.Cursor,
+    receipts: Sequence[queue.ReceiptUpdate],
+    dt: Callable[[datetime | None], Any],
+) -> tuple[list[Settled], list[int]]:
+    """As `queue.apply_receipts`: (changes made, indexes of receipts whose id is unknown)."""
+    found: dict[tuple[str, str], tuple[int, str]] = {}
+    for channel, provider_ids in queue.receipt_lookups(receipts):
+        lookup = _RECEIPT_LOOKUP.format(", ".join("?" * len(provider_ids)))
+        for delivery_id, provider_id, status in cursor.execute(lookup, (channel, *provider_ids)):
+            found[(channel, provider_id)] = (delivery_id, status)
+    settled, unknown, settle = queue.settle_receipts(receipts, found)
+    if settle:
+        cursor.executemany(
+            _RECEIPT,
+            [(r.status, r.error_code, r.reason, dt(r.at), id_) for id_, r in settle],
+        )
+    return settled, unknown
 
 
 def _claim(

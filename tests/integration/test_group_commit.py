@@ -20,6 +20,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
 
 from dispatcher import audit
+from dispatcher.channels.base import Receipt, ReceiptStatus
 from dispatcher.engine.clock import Clock
 from dispatcher.engine.writer import DeliveryWriter, _Batch
 from dispatcher.store import queue, sqlite_writes
@@ -125,39 +126,36 @@ def changes_for(claimed: list[queue.ClaimedDelivery]) -> tuple[list[int], list[A
 
 
 async def run_path(db: Database, *, fast: bool) -> list[queue.ClaimedDelivery]:
-    """Commits as the engine makes them: a claim, marks and a release, then outcomes."""
+    """Commits as the engine makes them: a claim, marks and a release, outcomes, receipts."""
     writer = DeliveryWriter(db, FixedClock(), OWNER, LEASE)
     future = asyncio.get_running_loop().create_future()
-    claimed = (await commit(writer, db, _Batch(claims=[("sms", 10, future)]), fast))[0][0]
+    claimed = (await commit(writer, db, _Batch(claims=[("sms", 10, future)]), fast))[0]
     sending, outcomes, attempts = changes_for(claimed)
     release = [(claimed[-2].id, NOW + timedelta(minutes=30))]
     await commit(writer, db, _Batch(sending=sending, releases=release), fast)
     await commit(writer, db, _Batch(outcomes=outcomes, attempts=attempts), fast)
+    sent = next(o for o in outcomes if o.status == S.SENT)
+    receipts = [
+        Receipt("sms", f"SM{sent.delivery_id}", ReceiptStatus.DELIVERED, at=NOW),
+        # A second word on a settled message changes nothing; an unknown id waits (early).
+        Receipt("sms", f"SM{sent.delivery_id}", ReceiptStatus.FAILED, "30005", "gone", NOW),
+        Receipt("sms", "SM-not-yet-known", ReceiptStatus.DELIVERED, at=NOW),
+    ]
+    await commit(writer, db, _Batch(receipts=receipts), fast)
+    assert [r.provider_id for r, _ in writer._early] == ["SM-not-yet-known"]
     return claimed
 
 
 async def commit(
     writer: DeliveryWriter, db: Database, batch: _Batch, fast: bool
-) -> tuple[list[list[queue.ClaimedDelivery]], set[int], set[int]]:
+) -> list[list[queue.ClaimedDelivery]]:
+    """Commit `batch` as the writer does on SQLite (fast), or the general path's way."""
     if fast:
-        changes = sqlite_writes.Changes(
-            owner=OWNER,
-            now=NOW,
-            lease_until=NOW + LEASE,
-            claims=[(channel, limit) for channel, limit, _ in batch.claims],
-            sending=batch.sending,
-            releases=batch.releases,
-            outcomes=batch.outcomes,
-            attempts=batch.attempts,
-        )
-        async with db.engine.connect() as conn:
-            written = await sqlite_writes.write(
-                conn, changes, lambda m, o: writer._events(batch, [], m, o, [])
-            )
-        return written.claimed, written.marked, written.opted
+        await writer._commit(batch)
+        return [claim.result() for _, _, claim in batch.claims]
     async with db.engine.begin() as conn:
-        claimed, marked, opted, _ = await writer._write(conn, batch, NOW)
-    return claimed, marked, opted
+        claimed, _, _, writer._early = await writer._write(conn, batch, NOW)
+    return claimed
 
 
 def stored(path: Path) -> dict[str, Any]:
@@ -180,7 +178,18 @@ def stored(path: Path) -> dict[str, Any]:
         conn.close()
 
 
-async def test_both_paths_store_the_same_rows(tmp_path: Path) -> None:
+async def test_both_paths_store_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_hand_off = 0
+    write = sqlite_writes.write
+
+    async def counted(*args: Any) -> sqlite_writes.Written:
+        nonlocal one_hand_off
+        one_hand_off += 1
+        return await write(*args)
+
+    monkeypatch.setattr(sqlite_writes, "write", counted)
     fast_db = await seeded(tmp_path / "fast.db")
     general_db = await seeded(tmp_path / "general.db")
     try:
@@ -191,6 +200,7 @@ async def test_both_paths_store_the_same_rows(tmp_path: Path) -> None:
     finally:
         await fast_db.close()
         await general_db.close()
+    assert one_hand_off == 4  # every commit of the fast run took the one hand-off
     assert fast_claimed == general_claimed
     # The 8th delivery is not due yet; the deferred 6th comes first, then the others in order.
     assert [d.id for d in fast_claimed] == [6, 1, 2, 3, 4, 5, 7]
@@ -200,7 +210,7 @@ async def test_both_paths_store_the_same_rows(tmp_path: Path) -> None:
     assert fast == general
     statuses = statuses_of(tmp_path / "fast.db")
     assert statuses == {
-        6: S.SENT,
+        6: S.DELIVERED,  # sent, then its receipt
         1: S.PENDING,  # to be tried again
         2: S.FAILED,
         3: S.UNKNOWN,
@@ -209,9 +219,11 @@ async def test_both_paths_store_the_same_rows(tmp_path: Path) -> None:
         7: S.CLAIMED,  # claimed, never marked
         8: S.PENDING,  # not due
     }
-    # The marks' commit and the outcomes' commit each log their changes; the claim and the
-    # release change no recorded state.
-    assert verified.ok and verified.entries == 2
+    # The marks', the outcomes' and the receipts' commits each log their changes; the claim and
+    # the release change no recorded state.
+    assert verified.ok and verified.entries == 3
+    # Only the first receipt moved its delivery; the contradicting one came after it settled.
+    assert fast["audit"][-1][2] == {"changes": [[6, S.DELIVERED, None]]}
 
 
 def statuses_of(path: Path) -> dict[int, str]:
@@ -244,7 +256,7 @@ async def test_a_locked_database_surfaces_as_sqlalchemy_operational_error(
         )
         async with fast_db.engine.connect() as conn:
             with pytest.raises(OperationalError, match="locked"):
-                await sqlite_writes.write(conn, changes, lambda m, o: [])
+                await sqlite_writes.write(conn, changes, lambda m, o, s: [])
     finally:
         locker.execute("ROLLBACK")
         locker.close()
