@@ -58,19 +58,21 @@ async def claim(
     lease_until: datetime,
     limit: int,
 ) -> list[ClaimedDelivery]:
-    """Lease up to `limit` due pending deliveries of `channel` to `owner`.
+    """Lease up to `limit` due pending deliveries of `channel` to `owner`, earliest due first.
 
-    First those that were deferred (a retry's backoff, a window's opening) and are due now, in
-    the order they came due; then the never deferred ones, in audience order (id).
+    A delivery is due from its `not_before`: its firing's time, a retry's backoff, a send
+    window's opening, a channel's resumption. Those due earliest go first (so everyone's first
+    attempt of a blast goes before retries that came due during it), then in audience order (id).
+    A delivery without `not_before` counts as due since ever.
     """
     # Two claims, each one range of the (channel, status, not_before, id) index read in its
-    # order. One condition `not_before IS NULL OR not_before <= now`, in id order, read past
-    # every deferred row: a million held for a window's opening cost 200 ms per claim, each
-    # second until it opened.
+    # order. One condition `not_before IS NULL OR not_before <= now` in id order read past every
+    # row not due yet: a million held for a window's opening cost 200 ms per claim, each second
+    # until it opened.
     rows = await _claim(
         conn,
-        D.c.not_before <= now,
-        (D.c.not_before, D.c.id),
+        D.c.not_before.is_(None),
+        (D.c.id,),
         channel=channel,
         owner=owner,
         now=now,
@@ -80,8 +82,8 @@ async def claim(
     if len(rows) < limit:
         rows += await _claim(
             conn,
-            D.c.not_before.is_(None),
-            (D.c.id,),
+            D.c.not_before <= now,
+            (D.c.not_before, D.c.id),
             channel=channel,
             owner=owner,
             now=now,
@@ -116,7 +118,9 @@ async def _claim(
         .returning(*_CLAIM_COLUMNS)
     )
     rows = [ClaimedDelivery(*row) for row in (await conn.execute(stmt)).all()]
-    rows.sort(key=lambda r: r.id)  # RETURNING comes in no particular order
+    # RETURNING comes in no particular order; a batch is sent in id order (one firing's rows
+    # share their due time).
+    rows.sort(key=lambda r: r.id)
     return rows
 
 

@@ -38,9 +38,9 @@ WHERE id IN (
     ORDER BY {{order}} LIMIT ?
 ) AND status = '{S.PENDING}'
 RETURNING {", ".join(ClaimedDelivery.__slots__)}"""
-# As queue.claim: the deferred rows due now (in the order they came due), then the others.
-_CLAIM_DEFERRED = _CLAIM_ROWS.format(due="not_before <= ?", order="not_before, id")
-_CLAIM_FRESH = _CLAIM_ROWS.format(due="not_before IS NULL", order="id")
+# As queue.claim: rows due since ever (no not_before), then the others earliest due first.
+_CLAIM_UNTIMED = _CLAIM_ROWS.format(due="not_before IS NULL", order="id")
+_CLAIM_DUE = _CLAIM_ROWS.format(due="not_before <= ?", order="not_before, id")
 _CLAIMED_TIMES = [
     ClaimedDelivery.__slots__.index(name) for name in ("valid_until", "created_at", "claimed_at")
 ]
@@ -284,10 +284,10 @@ def _claim(
 ) -> list[ClaimedDelivery]:
     now = dt(changes.now)
     lease = (changes.owner, dt(changes.lease_until), now)
-    cursor.execute(_CLAIM_DEFERRED, (*lease, channel, now, limit))
+    cursor.execute(_CLAIM_UNTIMED, (*lease, channel, limit))
     claimed = _claimed_rows(cursor, parse)
     if len(claimed) < limit:
-        cursor.execute(_CLAIM_FRESH, (*lease, channel, limit - len(claimed)))
+        cursor.execute(_CLAIM_DUE, (*lease, channel, now, limit - len(claimed)))
         claimed += _claimed_rows(cursor, parse)
     return claimed
 

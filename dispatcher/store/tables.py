@@ -102,8 +102,7 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "deliveries"
     __table_args__ = (
         UniqueConstraint("stage_run_id", "channel", "address", name="uq_delivery_recipient"),
-        # Claims read it in order: the deferred rows due now, then the never deferred ones by
-        # id (see queue.claim; migration 0003).
+        # Claims read it in order: earliest due first, then by id (see queue.claim; 0003).
         Index("ix_deliveries_due", "channel", "status", "not_before", "id"),
         Index("ix_deliveries_run_status", "stage_run_id", "status"),
         # Housekeeping renews and recovers leases at every heartbeat: only the rows under a

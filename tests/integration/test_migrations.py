@@ -55,7 +55,7 @@ def test_a_first_revision_database_upgrades_with_its_rows(tmp_path: Path) -> Non
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (HEAD,)
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (1,)
         # Both claims (see queue.claim) read one range of the due index, in its order.
-        for claim in (sqlite_writes._CLAIM_DEFERRED, sqlite_writes._CLAIM_FRESH):
+        for claim in (sqlite_writes._CLAIM_UNTIMED, sqlite_writes._CLAIM_DUE):
             plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + claim, _nulls(claim))]
             assert any("ix_deliveries_due" in step for step in plan), plan
             assert not any("TEMP B-TREE" in step for step in plan), plan
@@ -78,11 +78,13 @@ async def test_housekeeping_reads_only_leased_rows_and_sends_update_by_id(tmp_pa
         " VALUES (1, 'c', 's', '2010-08-31 01:00:00.000000', 0, 'sms', 'manual', 'ready',"
         " '2010-08-31 01:00:00.000000', 0, 0, 0, 0, 0)"
     )
+    # Due from the firing's time, as the materialiser writes them; the first without a due time,
+    # so that a claim runs both its statements.
     conn.executemany(
         "INSERT INTO deliveries (stage_run_id, channel, address, line, body, encoding, segments,"
-        " status, attempts, created_at) VALUES (1, 'sms', ?, ?, 'x', 'GSM-7', 1, 'pending', 0,"
-        " '2010-08-31 01:00:00.000000')",
-        [(f"+86138{i:08d}", i) for i in range(2000)],
+        " status, attempts, created_at, not_before) VALUES (1, 'sms', ?, ?, 'x', 'GSM-7', 1,"
+        " 'pending', 0, '2010-08-31 01:00:00.000000', ?)",
+        [(f"+86138{i:08d}", i, "2010-08-31 01:00:00.000000" if i else None) for i in range(2000)],
     )
     conn.commit()
 
@@ -112,8 +114,8 @@ async def test_housekeeping_reads_only_leased_rows_and_sends_update_by_id(tmp_pa
         await db.close()
     # The fast path's own statements (store/sqlite_writes.py) on SQLite's hot path, too.
     for sql in (
-        sqlite_writes._CLAIM_DEFERRED,
-        sqlite_writes._CLAIM_FRESH,
+        sqlite_writes._CLAIM_UNTIMED,
+        sqlite_writes._CLAIM_DUE,
         sqlite_writes._SUPPRESS_OPTED_OUT,
         sqlite_writes._MARK_SENDING,
         sqlite_writes._RELEASE,

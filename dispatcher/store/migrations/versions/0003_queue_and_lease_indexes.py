@@ -1,9 +1,9 @@
 """indexes that keep claims and housekeeping independent of the queue's size
 
 Claims: one condition `not_before IS NULL OR not_before <= now` in id order (0002's index)
-read past every deferred row of the channel. A million rows held for a send window's opening
-cost 200 ms per claim, every second until it opened. Claims now take the deferred rows due now
-(by not_before, id), then the never deferred ones (by id): each one range of an index on
+read past every row of the channel not due yet. A million rows held for a send window's
+opening cost 200 ms per claim, every second until it opened. Claims now take the due rows
+earliest due first (by not_before, then id), one range of an index on
 (channel, status, not_before, id), which replaces both earlier queue indexes.
 
 Housekeeping: at every heartbeat it renews this worker's leases and recovers dead workers',
