@@ -225,10 +225,11 @@ class DeliveryWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         now = self.clock.now()
+        pending = self._receipts_pending(batch.receipts)
+        receipts = [_receipt_update(r, now) for r, _ in pending]
         if self.db.is_sqlite and not batch.opt_outs:
             # The usual commit (claims, marks, outcomes, attempts, receipts): one hand-off to
             # SQLite's thread.
-            pending = self._receipts_pending(batch.receipts)
             changes = sqlite_writes.Changes(
                 owner=self.owner,
                 now=now,
@@ -238,7 +239,7 @@ class DeliveryWriter:
                 releases=batch.releases,
                 outcomes=batch.outcomes,
                 attempts=batch.attempts,
-                receipts=[_receipt_update(r, now) for r, _ in pending],
+                receipts=receipts,
             )
             async with self.db.engine.connect() as conn:
                 written = await sqlite_writes.write(
@@ -247,12 +248,14 @@ class DeliveryWriter:
                     lambda m, o, s: self._events(batch, list(batch.events), m, o, s),
                 )
             claimed, marked, opted = written.claimed, written.marked, written.opted
-            early = self._still_early(pending, written.unknown)
+            unknown = written.unknown
         else:
             async with self.db.engine.begin() as conn:
-                claimed, marked, opted, early = await self._write(conn, batch, now)
+                claimed, marked, opted, unknown = await self._write(conn, batch, now, receipts)
         self.commits += 1
-        self._early = early
+        # Only now, the commit done: a retried commit neither loses an early receipt nor counts
+        # one as unmatched twice.
+        self._early = self._still_early(pending, unknown)
         for (_, _, claim_result), rows in zip(batch.claims, claimed, strict=True):
             if not claim_result.done():
                 claim_result.set_result(rows)
@@ -271,9 +274,16 @@ class DeliveryWriter:
                 waiter.set_result(None)
 
     async def _write(
-        self, conn: AsyncConnection, batch: _Batch, now: datetime
-    ) -> tuple[list[list[queue.ClaimedDelivery]], set[int], set[int], list[tuple[Receipt, float]]]:
-        """Every kind of change, statement by statement: (claimed, marked, opted out, early)."""
+        self,
+        conn: AsyncConnection,
+        batch: _Batch,
+        now: datetime,
+        receipts: list[queue.ReceiptUpdate],
+    ) -> tuple[list[list[queue.ClaimedDelivery]], set[int], set[int], list[int]]:
+        """Every kind of change, statement by statement.
+
+        Returns (claimed, marked, opted out, indexes of the receipts whose id is unknown).
+        """
         events = list(batch.events)
         claimed = [
             await queue.claim(
@@ -305,12 +315,9 @@ class DeliveryWriter:
                     audit.AuditEvent("optout.add", self.owner, subject=a, data={"source": source})
                     for a in added
                 )
-        pending = self._receipts_pending(batch.receipts)
-        settled, unknown = await queue.apply_receipts(
-            conn, [_receipt_update(r, now) for r, _ in pending]
-        )
+        settled, unknown = await queue.apply_receipts(conn, receipts)
         await audit.append(conn, self._events(batch, events, marked, opted, settled), now)
-        return claimed, marked, opted, self._still_early(pending, unknown)
+        return claimed, marked, opted, unknown
 
     def _events(
         self,

@@ -14,6 +14,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from sqlalchemy import insert
@@ -50,7 +51,11 @@ class FixedClock(Clock):
 
 
 async def seeded(path: Path) -> Database:
-    """A database with one stage run of 8 pending deliveries (the 4th one's address opted out)."""
+    """A database with one stage run of 9 pending deliveries (the 4th one's address opted out).
+
+    As the materialiser writes them, due from the firing's time; but the 3rd has no due time
+    (due since ever), the 6th is a retry due since 10 s ago and the 8th is due in an hour.
+    """
     db = Database.open(f"sqlite:///{path}")
     await db.upgrade()
     async with db.engine.begin() as conn:
@@ -81,12 +86,13 @@ async def seeded(path: Path) -> Database:
                     "status": S.PENDING,
                     "created_at": NOW - timedelta(minutes=1),
                     "valid_until": NOW + timedelta(hours=2) if i % 2 else None,
-                    # The 6th was deferred and is due now, the 8th is not due yet.
-                    "not_before": {5: NOW - timedelta(minutes=1), 7: NOW + timedelta(hours=1)}.get(
-                        i
-                    ),
+                    "not_before": {
+                        2: None,
+                        5: NOW - timedelta(seconds=10),
+                        7: NOW + timedelta(hours=1),
+                    }.get(i, NOW - timedelta(minutes=1)),
                 }
-                for i in range(8)
+                for i in range(9)
             ],
         )
         await conn.execute(
@@ -129,7 +135,7 @@ async def run_path(db: Database, *, fast: bool) -> list[queue.ClaimedDelivery]:
     """Commits as the engine makes them: a claim, marks and a release, outcomes, receipts."""
     writer = DeliveryWriter(db, FixedClock(), OWNER, LEASE)
     future = asyncio.get_running_loop().create_future()
-    claimed = (await commit(writer, db, _Batch(claims=[("sms", 10, future)]), fast))[0]
+    claimed = (await commit(writer, db, _Batch(claims=[("sms", 7, future)]), fast))[0]
     sending, outcomes, attempts = changes_for(claimed)
     release = [(claimed[-2].id, NOW + timedelta(minutes=30))]
     await commit(writer, db, _Batch(sending=sending, releases=release), fast)
@@ -149,13 +155,13 @@ async def run_path(db: Database, *, fast: bool) -> list[queue.ClaimedDelivery]:
 async def commit(
     writer: DeliveryWriter, db: Database, batch: _Batch, fast: bool
 ) -> list[list[queue.ClaimedDelivery]]:
-    """Commit `batch` as the writer does on SQLite (fast), or the general path's way."""
+    """Commit `batch` as the writer does: on SQLite (fast), or as on any other database."""
     if fast:
         await writer._commit(batch)
-        return [claim.result() for _, _, claim in batch.claims]
-    async with db.engine.begin() as conn:
-        claimed, _, _, writer._early = await writer._write(conn, batch, NOW)
-    return claimed
+    else:
+        with mock.patch.object(Database, "is_sqlite", new=property(lambda _: False)):
+            await writer._commit(batch)
+    return [claim.result() for _, _, claim in batch.claims]
 
 
 def stored(path: Path) -> dict[str, Any]:
@@ -202,28 +208,30 @@ async def test_both_paths_store_the_same_rows(
         await general_db.close()
     assert one_hand_off == 4  # every commit of the fast run took the one hand-off
     assert fast_claimed == general_claimed
-    # The 8th delivery is not due yet; the deferred 6th comes first, then the others in order.
-    assert [d.id for d in fast_claimed] == [6, 1, 2, 3, 4, 5, 7]
+    # Earliest due first: the 3rd (no due time), then the blast's; the retry due later and the
+    # 8th (not due) wait.
+    assert [d.id for d in fast_claimed] == [3, 1, 2, 4, 5, 7, 9]
     assert fast_claimed[2].valid_until == NOW + timedelta(hours=2)  # read back as aware UTC
     assert fast_claimed[0].claimed_at == NOW
     fast, general = stored(tmp_path / "fast.db"), stored(tmp_path / "general.db")
     assert fast == general
     statuses = statuses_of(tmp_path / "fast.db")
     assert statuses == {
-        6: S.DELIVERED,  # sent, then its receipt
+        3: S.DELIVERED,  # sent, then its receipt
         1: S.PENDING,  # to be tried again
         2: S.FAILED,
-        3: S.UNKNOWN,
         4: S.SUPPRESSED,  # opted out at the in-flight mark
-        5: S.PENDING,  # released
-        7: S.CLAIMED,  # claimed, never marked
+        5: S.UNKNOWN,
+        7: S.PENDING,  # released
+        9: S.CLAIMED,  # claimed, never marked
+        6: S.PENDING,  # a retry due after the blast's rows: the next claim's
         8: S.PENDING,  # not due
     }
     # The marks', the outcomes' and the receipts' commits each log their changes; the claim and
     # the release change no recorded state.
     assert verified.ok and verified.entries == 3
     # Only the first receipt moved its delivery; the contradicting one came after it settled.
-    assert fast["audit"][-1][2] == {"changes": [[6, S.DELIVERED, None]]}
+    assert fast["audit"][-1][2] == {"changes": [[3, S.DELIVERED, None]]}
 
 
 def statuses_of(path: Path) -> dict[int, str]:
