@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy import bindparam, func, insert, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dispatcher.store.tables import Attempt, Delivery, DeliveryStatus, OptOut
@@ -69,58 +68,32 @@ async def claim(
     # order. One condition `not_before IS NULL OR not_before <= now` in id order read past every
     # row not due yet: a million held for a window's opening cost 200 ms per claim, each second
     # until it opened.
-    rows = await _claim(
-        conn,
-        D.c.not_before.is_(None),
-        (D.c.id,),
-        channel=channel,
-        owner=owner,
-        now=now,
-        lease_until=lease_until,
-        limit=limit,
-    )
-    if len(rows) < limit:
-        rows += await _claim(
-            conn,
-            D.c.not_before <= now,
-            (D.c.not_before, D.c.id),
-            channel=channel,
-            owner=owner,
-            now=now,
-            lease_until=lease_until,
-            limit=limit - len(rows),
+    rows: list[ClaimedDelivery] = []
+    for due, order in (
+        (D.c.not_before.is_(None), (D.c.id,)),
+        (D.c.not_before <= now, (D.c.not_before, D.c.id)),
+    ):
+        if len(rows) >= limit:
+            break
+        ids = (
+            select(D.c.id)
+            .where(D.c.channel == channel, D.c.status == S.PENDING, due)
+            .order_by(*order)
+            .limit(limit - len(rows))
+            .with_for_update(skip_locked=True)
         )
-    return rows
-
-
-async def _claim(
-    conn: AsyncConnection,
-    due: ColumnElement[bool],
-    order: tuple[ColumnElement[Any], ...],
-    *,
-    channel: str,
-    owner: str,
-    now: datetime,
-    lease_until: datetime,
-    limit: int,
-) -> list[ClaimedDelivery]:
-    ids = (
-        select(D.c.id)
-        .where(D.c.channel == channel, D.c.status == S.PENDING, due)
-        .order_by(*order)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    stmt = (
-        update(D)
-        .where(D.c.id.in_(ids.scalar_subquery()), D.c.status == S.PENDING)
-        .values(status=S.CLAIMED, owner=owner, lease_until=lease_until, claimed_at=now)
-        .returning(*_CLAIM_COLUMNS)
-    )
-    rows = [ClaimedDelivery(*row) for row in (await conn.execute(stmt)).all()]
-    # RETURNING comes in no particular order; a batch is sent in id order (one firing's rows
-    # share their due time).
-    rows.sort(key=lambda r: r.id)
+        stmt = (
+            update(D)
+            .where(D.c.id.in_(ids.scalar_subquery()), D.c.status == S.PENDING)
+            .values(status=S.CLAIMED, owner=owner, lease_until=lease_until, claimed_at=now)
+            .returning(*_CLAIM_COLUMNS)
+        )
+        # RETURNING comes in no particular order; a batch is sent in id order (one firing's
+        # rows share their due time).
+        rows += sorted(
+            (ClaimedDelivery(*row) for row in (await conn.execute(stmt)).all()),
+            key=lambda r: r.id,
+        )
     return rows
 
 
